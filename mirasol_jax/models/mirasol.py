@@ -1,0 +1,354 @@
+"""Mirasol3B: the whole model, from a contract-2 batch to text logits, AV latents and losses.
+
+Data flow (shapes for batch B, T chunks of k frames, m combiner tokens, width D):
+  video [B, T, k, H, W, 3] --VideoEncoder per chunk--> [B, T, f, Dv] --proj--> [B, T, f, D]  \\
+  audio [B, T, F, M]       --AudioEncoder per chunk--> [B, T, s, Da] --proj--> [B, T, s, D]  -> u [B, T, n, D]
+  u --Combiner--> x [B, T, m, D] --AVTransformer (block-causal)--> h = av_latents [B, T, m, D]
+  text_tokens [B, L] --TextDecoder (cross-attends to h)--> text_logits [B, L, vocab]
+Losses: next-chunk latent prediction (head(h_t) vs stop_gradient(x_{t+1})), low-resolution next-chunk video
+reconstruction, optional next-chunk audio reconstruction, and cross-entropy on the target text tokens.
+
+`Model(**config.model)` is built from a config; `example_batch(config, B)` gives a batch of zeros of its shapes.
+The chunk-by-chunk path (`stream_init`, `stream_step`) encodes one chunk, advances the combiner state and runs the
+AV Transformer against a KV cache of the earlier chunks; its latents equal the full pass's.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mirasol_jax.models import av_transformer
+from mirasol_jax.models import combiners
+from mirasol_jax.models import encoders
+from mirasol_jax.models import layers
+from mirasol_jax.models import text_decoder
+
+Array = jax.Array
+
+LOSS_TERMS = ('text', 'latent', 'video_recon', 'audio_recon')
+COMBINER_ARGS = ('depth', 'num_heads', 'mlp_dim')
+TTM_ARGS = ('memory_tokens', 'tokenlearner_hidden')
+TOWER_ARGS = ('width', 'depth', 'num_heads', 'mlp_dim')
+
+
+def _error(field: str, message: str) -> ValueError:
+  return ValueError(f'model.{field}: {message}')
+
+
+def _require_keys(field: str, given: Mapping[str, Any], required: Sequence[str], optional: Sequence[str] = ()):
+  missing = [k for k in required if k not in given]
+  unknown = [k for k in given if k not in required and k not in optional]
+  if missing or unknown:
+    raise _error(field, f'missing keys {missing}, unknown keys {unknown}; expected {list(required) + list(optional)}')
+
+
+def validate_model_config(model: 'Model') -> None:
+  """Raises ValueError naming the field and values for any configuration that cannot work."""
+  n_frames, n_chunks = model.num_frames, model.num_chunks
+  if n_chunks < 1 or n_frames % n_chunks:
+    raise _error('num_frames', f'num_frames={n_frames} does not divide into num_chunks={n_chunks} chunks')
+  k = n_frames // n_chunks
+  height, width = model.image_size
+  _require_keys('video', model.video, TOWER_ARGS + ('tubes',))
+  _require_keys('audio', model.audio, TOWER_ARGS, ('patch_size', 'input_mean', 'input_std'))
+  _require_keys('av', model.av, COMBINER_ARGS, ('mask_ratio',))
+  _require_keys('text', model.text, TOWER_ARGS, ('tie_embeddings',))
+  _require_keys('combiner_args', model.combiner_args, COMBINER_ARGS, TTM_ARGS)
+  if not model.video['tubes']:
+    raise _error('video.tubes', 'needs at least one (kernel, stride, offset) tube')
+  for i, tube in enumerate(model.video['tubes']):
+    kernel, stride, offset = tube
+    if min(stride) < 1 or min(kernel) < 1 or min(offset) < 0:
+      raise _error(f'video.tubes[{i}]', f'kernel {tuple(kernel)}, stride {tuple(stride)} must be >= 1 and offset '
+                   f'{tuple(offset)} >= 0')
+    for axis, size, name in zip(range(3), (k, height, width), ('frames per chunk k', 'image height', 'image width')):
+      if offset[axis] + kernel[axis] > size:
+        raise _error(f'video.tubes[{i}]', f'kernel {tuple(kernel)} at offset {tuple(offset)} spans '
+                     f'{offset[axis] + kernel[axis]} along axis {axis} but the {name} is {size} '
+                     f'(num_frames={n_frames} / num_chunks={n_chunks}, image_size={tuple(model.image_size)})')
+  pf, pm = model.audio.get('patch_size', (16, 16))
+  for field, size, patch in (('audio_frames_per_chunk', model.audio_frames_per_chunk, pf),
+                             ('mel_bins', model.mel_bins, pm)):
+    if size < patch or size % patch:
+      raise _error(field, f'{field}={size} is not a positive multiple of the audio patch size {patch} '
+                   f'(model.audio.patch_size={tuple(model.audio.get("patch_size", (16, 16)))})')
+  f = encoders.num_video_tokens(model.video['tubes'], (k, height, width))
+  s = encoders.num_audio_tokens(model.audio_frames_per_chunk, model.mel_bins, (pf, pm))
+  if model.tokens_per_chunk < 1 or model.tokens_per_chunk > f + s:
+    raise _error('tokens_per_chunk', f'm={model.tokens_per_chunk} must be between 1 and the chunk\'s token count '
+                 f'n = {f} video + {s} audio = {f + s}')
+  if model.combiner not in combiners.COMBINERS:
+    raise _error('combiner', f'{model.combiner!r} is not one of {sorted(combiners.COMBINERS)}')
+  if model.combiner != 'ttm' and any(key in model.combiner_args for key in TTM_ARGS):
+    raise _error('combiner_args', f'{list(TTM_ARGS)} only apply to combiner="ttm", not {model.combiner!r}')
+  unknown = sorted(set(model.loss_weights) - set(LOSS_TERMS))
+  if unknown:
+    raise _error('loss_weights', f'unknown terms {unknown}; known terms are {list(LOSS_TERMS)}')
+  if model.latent_loss not in ('cosine', 'l2'):
+    raise _error('latent_loss', f'{model.latent_loss!r} is not "cosine" or "l2"')
+  rh, rw = model.video_recon_size
+  if height % rh or width % rw:
+    raise _error('video_recon_size', f'{tuple(model.video_recon_size)} does not divide image_size '
+                 f'{tuple(model.image_size)}')
+  ph, pw = model.audio_recon_pool
+  if model.audio_frames_per_chunk % ph or model.mel_bins % pw:
+    raise _error('audio_recon_pool', f'{tuple(model.audio_recon_pool)} does not divide (audio_frames_per_chunk, '
+                 f'mel_bins) = ({model.audio_frames_per_chunk}, {model.mel_bins})')
+  for name, tower in (('video', model.video), ('audio', model.audio), ('text', model.text)):
+    if tower['width'] % tower['num_heads']:
+      raise _error(f'{name}.width', f'{tower["width"]} is not divisible by {name}.num_heads={tower["num_heads"]}')
+  for name, heads in (('av.num_heads', model.av['num_heads']),
+                      ('combiner_args.num_heads', model.combiner_args['num_heads'])):
+    if model.width % heads:
+      raise _error(name, f'width={model.width} is not divisible by {name}={heads}')
+
+
+GEOMETRY_FIELDS = ('num_frames', 'num_chunks', 'image_size', 'audio_frames_per_chunk', 'mel_bins', 'max_text_len')
+
+
+def batch_shapes(model_config: Mapping[str, Any], batch_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """Contract 2: key -> (shape, dtype) for a batch of `batch_size` examples of `config.model`'s geometry."""
+  c = model_config
+  t = c['num_chunks']
+  return {
+      'video': ((batch_size, t, c['num_frames'] // t, *c['image_size'], 3), np.uint8),
+      'audio': ((batch_size, t, c['audio_frames_per_chunk'], c['mel_bins']), np.float32),
+      'audio_mask': ((batch_size,), np.bool_),
+      'text_tokens': ((batch_size, c['max_text_len']), np.int32),
+      'text_loss_mask': ((batch_size, c['max_text_len']), np.bool_),
+      'example_mask': ((batch_size,), np.bool_),
+  }
+
+
+def example_batch(config, batch_size: int) -> dict[str, np.ndarray]:
+  """A contract-2 batch of zeros (all examples valid, audio present) with the config's shapes."""
+  batch = {k: np.zeros(shape, dtype) for k, (shape, dtype) in batch_shapes(config.model, batch_size).items()}
+  batch['audio_mask'][:] = True
+  batch['example_mask'][:] = True
+  return batch
+
+
+def _masked_mean(values: Array, weights: Array) -> Array:
+  weights = jnp.broadcast_to(weights, values.shape).astype(jnp.float32)
+  return jnp.sum(values.astype(jnp.float32) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _avg_pool(x: Array, factors: Sequence[int], first_axis: int) -> Array:
+  """Average-pools consecutive axes starting at first_axis by integer factors (reshape + mean, fused by XLA)."""
+  shape, axes = list(x.shape[:first_axis]), []
+  for i, factor in enumerate(factors):
+    size = x.shape[first_axis + i]
+    shape += [size // factor, factor]
+    axes.append(len(shape) - 1)
+  shape += list(x.shape[first_axis + len(factors):])
+  return x.reshape(shape).mean(axis=tuple(axes))
+
+
+class Model(nn.Module):
+  """Mirasol3B. Field meanings and defaults for every size: `mirasol_jax/models/sizes.py`."""
+  num_frames: int
+  num_chunks: int
+  image_size: Sequence[int]
+  audio_frames_per_chunk: int
+  mel_bins: int
+  max_text_len: int
+  vocab_size: int
+  tokens_per_chunk: int
+  width: int
+  video: Mapping[str, Any]
+  audio: Mapping[str, Any]
+  combiner: str
+  combiner_args: Mapping[str, Any]
+  av: Mapping[str, Any]
+  text: Mapping[str, Any]
+  loss_weights: Mapping[str, float]
+  latent_loss: str = 'cosine'
+  video_recon_size: Sequence[int] = (16, 16)
+  audio_recon_pool: Sequence[int] = (4, 4)
+  dtype: str = 'bfloat16'
+  scan_layers: bool = True
+  remat_policy: str = 'none'
+  dropout_rate: float = 0.0
+  attention_impl: Optional[str] = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    validate_model_config(self)
+
+  @property
+  def chunk_frames(self) -> int:
+    return self.num_frames // self.num_chunks
+
+  def setup(self):
+    dtype = layers.canonical_dtype(self.dtype)
+    stack_kw = dict(scan_layers=self.scan_layers, remat_policy=self.remat_policy, dropout_rate=self.dropout_rate,
+                    attention_impl=self.attention_impl)
+    video, audio = dict(self.video), dict(self.audio)
+    tubes = tuple(tuple(tuple(int(v) for v in part) for part in tube) for tube in video.pop('tubes'))
+    self.video_encoder = encoders.VideoEncoder(**video, tubes=tubes, dtype=dtype, stack_kw=stack_kw)
+    self.audio_encoder = encoders.AudioEncoder(**audio, dtype=dtype, stack_kw=stack_kw)
+    self.video_proj = layers.dense(self.width, ('embed', 'embed_out'), dtype, 'video_proj')
+    self.audio_proj = layers.dense(self.width, ('embed', 'embed_out'), dtype, 'audio_proj')
+    self.modality_embed = self.param(
+        'modality_embed', layers.logical_init(nn.initializers.normal(0.02), (None, 'embed')), (2, self.width))
+    self.combiner_module = combiners.COMBINERS[self.combiner](
+        tokens_per_chunk=self.tokens_per_chunk, width=self.width, **self.combiner_args, dtype=dtype,
+        stack_kw=stack_kw, name='combiner')
+    self.av_transformer = av_transformer.AVTransformer(
+        tokens_per_chunk=self.tokens_per_chunk, width=self.width, **self.av, dtype=dtype, stack_kw=stack_kw)
+    self.text_decoder = text_decoder.TextDecoder(
+        vocab_size=self.vocab_size, max_len=self.max_text_len, **self.text, dtype=dtype, stack_kw=stack_kw)
+    # Next-chunk prediction heads, read from the latents of chunk t.
+    self.latent_head = layers.dense(self.width, ('embed', 'embed_out'), dtype, 'latent_head')
+    rh, rw = self.video_recon_size
+    self.video_recon_head = layers.dense(self.chunk_frames * rh * rw * 3, ('embed', 'recon'), dtype,
+                                         'video_recon_head')
+    if self.loss_weights.get('audio_recon', 0.0):
+      ph, pw = self.audio_recon_pool
+      self.audio_recon_head = layers.dense(
+          (self.audio_frames_per_chunk // ph) * (self.mel_bins // pw), ('embed', 'recon'), dtype, 'audio_recon_head')
+
+  # -------------------------------------------------------------------------------------------------------------
+  # Encoding.
+
+  def _check_batch(self, batch: Mapping[str, Any]) -> None:
+    batch_size = batch['video'].shape[0] if 'video' in batch else None
+    expected = batch_shapes({f: getattr(self, f) for f in GEOMETRY_FIELDS}, batch_size)
+    for key, (shape, _) in expected.items():
+      if key not in batch:
+        raise ValueError(f'batch has no {key!r}; a batch needs keys {sorted(expected)}')
+      if tuple(batch[key].shape) != shape:
+        raise ValueError(
+            f'batch[{key!r}] has shape {tuple(batch[key].shape)} but the config expects {shape} (model.num_frames='
+            f'{self.num_frames}, num_chunks={self.num_chunks}, image_size={tuple(self.image_size)}, '
+            f'audio_frames_per_chunk={self.audio_frames_per_chunk}, mel_bins={self.mel_bins}, '
+            f'max_text_len={self.max_text_len})')
+
+  def encode_chunk_tokens(self, video: Array, audio: Array, audio_mask: Array, deterministic: bool = True):
+    """video [B, t, k, H, W, 3], audio [B, t, F, M], audio_mask [B] -> u [B, t, n, D] and validity [B, t, n]."""
+    batch, chunks = video.shape[:2]
+    v = self.video_encoder(video.reshape(batch * chunks, *video.shape[2:]), deterministic)
+    a = self.audio_encoder(audio.reshape(batch * chunks, *audio.shape[2:]), deterministic)
+    v = self.video_proj(v) + self.modality_embed[0]
+    a = self.audio_proj(a) + self.modality_embed[1]
+    u = jnp.concatenate([v, a], axis=1).astype(v.dtype)
+    u = u.reshape(batch, chunks, u.shape[1], self.width)
+    valid = jnp.concatenate([jnp.ones((batch, chunks, v.shape[1]), bool),
+                             jnp.broadcast_to(audio_mask[:, None, None], (batch, chunks, a.shape[1]))], axis=2)
+    return u, valid
+
+  def encode_av(self, batch: Mapping[str, Array], train: bool = False) -> tuple[Array, Array]:
+    """Combiner tokens x [B, T, m, D] and AV latents h [B, T, m, D]."""
+    u, valid = self.encode_chunk_tokens(batch['video'], batch['audio'], batch['audio_mask'], not train)
+    x = self.combiner_module(u, valid, not train)
+    h = self.av_transformer(self.perturb('av_input', x), deterministic=not train, mask_tokens=train)
+    return x, h
+
+  # -------------------------------------------------------------------------------------------------------------
+  # Training forward pass.
+
+  def __call__(self, batch: Mapping[str, Array], train: bool = False) -> dict[str, Any]:
+    self._check_batch(batch)
+    x, h = self.encode_av(batch, train)
+    batch_size = x.shape[0]
+    latents = h.reshape(batch_size, -1, self.width)
+    text_logits = self.text_decoder(batch['text_tokens'], latents, not train)
+    losses = self._losses(batch, x, h, text_logits)
+    return {'text_logits': text_logits, 'av_latents': h, 'losses': losses}
+
+  def _losses(self, batch, x, h, text_logits) -> dict[str, Array]:
+    example_w = batch['example_mask'].astype(jnp.float32)
+    losses = {}
+    # Text: the prediction at position i is scored against token i + 1 where that token is a target token.
+    ce = optax.softmax_cross_entropy_with_integer_labels(text_logits[:, :-1], batch['text_tokens'][:, 1:])
+    losses['text'] = _masked_mean(ce, batch['text_loss_mask'][:, 1:] * example_w[:, None])
+    if self.num_chunks > 1:
+      h_now = h[:, :-1].astype(jnp.float32)  # latents of chunks 0 .. T-2 predict chunks 1 .. T-1.
+      w = example_w[:, None, None]
+      pred = self.latent_head(h_now).astype(jnp.float32)
+      target = jax.lax.stop_gradient(self.perturb('latent_target', x)[:, 1:].astype(jnp.float32))
+      if self.latent_loss == 'cosine':
+        cos = jnp.sum(_unit(pred) * _unit(target), axis=-1)
+        losses['latent'] = _masked_mean(1.0 - cos, w)
+      else:
+        losses['latent'] = _masked_mean(jnp.mean(jnp.square(pred - target), -1), w)
+      pooled = h_now.mean(axis=2)  # [B, T-1, D]
+      video_next = batch['video'][:, 1:].astype(jnp.float32) / 127.5 - 1.0
+      video_target = _avg_pool(video_next, (self.image_size[0] // self.video_recon_size[0],
+                                            self.image_size[1] // self.video_recon_size[1]), first_axis=3)
+      video_pred = self.video_recon_head(pooled).astype(jnp.float32).reshape(video_target.shape)
+      losses['video_recon'] = _masked_mean(jnp.mean(jnp.square(video_pred - video_target), axis=(2, 3, 4, 5)),
+                                           example_w[:, None])
+      if self.loss_weights.get('audio_recon', 0.0):
+        audio = self.audio_encoder
+        audio_next = (batch['audio'][:, 1:] - audio.input_mean) / audio.input_std
+        audio_target = _avg_pool(audio_next, self.audio_recon_pool, first_axis=2)
+        audio_pred = self.audio_recon_head(pooled).astype(jnp.float32).reshape(audio_target.shape)
+        losses['audio_recon'] = _masked_mean(jnp.mean(jnp.square(audio_pred - audio_target), axis=(2, 3)),
+                                             (example_w * batch['audio_mask'])[:, None])
+    losses['total'] = sum(self.loss_weights.get(name, 0.0) * value for name, value in losses.items())
+    return losses
+
+  # -------------------------------------------------------------------------------------------------------------
+  # Text generation with a KV cache (driven by mirasol_jax.decoding).
+
+  def text_logits(self, tokens: Array, latents: Array) -> Array:
+    """Teacher-forced logits [B, L, vocab] for tokens [B, L] given flat latents [B, T*m, D]."""
+    return self.text_decoder(tokens, latents)
+
+  def text_prefill(self, tokens: Array, latents: Array, cache_len: int):
+    return self.text_decoder.prefill(tokens, latents, cache_len)
+
+  def text_extend(self, tokens: Array, index: Array, cache):
+    return self.text_decoder.extend(tokens, index, cache)
+
+  # -------------------------------------------------------------------------------------------------------------
+  # Chunk-by-chunk application.
+
+  def stream_init(self, batch_size: int, num_chunks: Optional[int] = None) -> dict[str, Any]:
+    """State before the first chunk: zero combiner memory and an empty AV cache for `num_chunks` chunks."""
+    return {'combiner': self.combiner_module.init_state(batch_size),
+            'av_cache': self.av_transformer.init_cache(batch_size, num_chunks or self.num_chunks),
+            'chunk': jnp.zeros((), jnp.int32)}
+
+  def stream_step(self, video_chunk: Array, audio_chunk: Array, audio_mask: Array, state: dict[str, Any]):
+    """One chunk (video [B, k, H, W, 3], audio [B, F, M]) -> (its latents h_t [B, m, D], next state)."""
+    u, valid = self.encode_chunk_tokens(video_chunk[:, None], audio_chunk[:, None], audio_mask)
+    x_t, combiner_state = self.combiner_module.step(u[:, 0], valid[:, 0], state['combiner'])
+    h_t, av_cache = self.av_transformer.step(x_t, state['chunk'], state['av_cache'])
+    return h_t, {'combiner': combiner_state, 'av_cache': av_cache, 'chunk': state['chunk'] + 1}
+
+
+def _unit(x: Array, eps: float = 1e-6) -> Array:
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+TOWERS = {
+    'video_encoder': ('video_encoder',),
+    'audio_encoder': ('audio_encoder',),
+    'combiner': ('combiner', 'video_proj', 'audio_proj', 'modality_embed'),
+    'av_transformer': ('av_transformer',),
+    'av_heads': ('latent_head', 'video_recon_head', 'audio_recon_head'),
+    'text_decoder': ('text_decoder',),
+}
+AV_TOWERS = ('video_encoder', 'audio_encoder', 'combiner', 'av_transformer', 'av_heads')
+
+
+def count_params_per_tower(params: Mapping[str, Any]) -> dict[str, int]:
+  """Parameter count per tower (TOWERS) of a params tree of arrays or ShapeDtypeStructs, plus 'total'."""
+  counts = {}
+  assigned = set()
+  for tower, names in TOWERS.items():
+    counts[tower] = sum(int(np.prod(leaf.shape)) for name in names if name in params
+                        for leaf in jax.tree.leaves(params[name]))
+    assigned.update(names)
+  unassigned = sorted(set(params) - assigned)
+  if unassigned:
+    raise ValueError(f'parameters {unassigned} belong to no tower in mirasol.TOWERS')
+  counts['total'] = sum(counts.values())
+  return counts

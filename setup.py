@@ -1,0 +1,29 @@
+"""mirasol_jax: Mirasol3B-style multimodal autoregressive models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# Ranges seen installing and passing the test suite together (Python 3.11, CPU, 2026-11):
+# jax/jaxlib 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8, ml_collections 1.1.0,
+# tensorflow-datasets 4.9.10, grain 0.2.18, clu 0.0.12, numpy 2.4.6, absl-py 2.5.1.
+INSTALL_REQUIRES = [
+    'jax>=0.10.2,<0.11',
+    'flax>=0.12.8,<0.13',
+    'optax>=0.2.8,<0.3',
+    'orbax-checkpoint>=0.12.8,<0.13',
+    'ml_collections>=1.1.0,<1.2',
+    'tensorflow-datasets>=4.9.10,<4.10',
+    'grain>=0.2.18,<0.3',
+    'clu>=0.0.12,<0.1',
+    'numpy>=2.0,<3',
+    'absl-py>=2.1,<3',
+]
+
+setup(
+    name='mirasol_jax',
+    version='0.1.0',
+    description='Mirasol3B: autoregressive models of time-aligned (video, audio) and contextual (text) modalities.',
+    packages=find_packages(include=['mirasol_jax', 'mirasol_jax.*']),
+    python_requires='>=3.10',
+    install_requires=INSTALL_REQUIRES,
+    extras_require={'test': ['pytest>=8,<10']},
+    entry_points={'console_scripts': ['mirasol=mirasol_jax.main:run']},
+)
