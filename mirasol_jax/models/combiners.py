@@ -29,6 +29,13 @@ def _learned_tokens(module: nn.Module, name: str, count: int, width: int) -> Arr
 
 class _PerChunkCombiner(nn.Module):
   """Shared plumbing of stateless combiners: all chunks are folded into the batch and combined at once."""
+  tokens_per_chunk: int
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+  stack_kw: Any = None
 
   def init_state(self, batch_size: int) -> dict:
     del batch_size
@@ -42,13 +49,6 @@ class _PerChunkCombiner(nn.Module):
 
 class TransformerCombiner(_PerChunkCombiner):
   """Appends m learned summary tokens to u_t, runs a Transformer over all n + m tokens, keeps the last m."""
-  tokens_per_chunk: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  dtype: Any = jnp.float32
-  stack_kw: Any = None
 
   def setup(self):
     self.summary = _learned_tokens(self, 'summary_tokens', self.tokens_per_chunk, self.width)
@@ -65,13 +65,6 @@ class TransformerCombiner(_PerChunkCombiner):
 
 class QFormerCombiner(_PerChunkCombiner):
   """m learned queries; each layer: self-attention among the queries, cross-attention to u_t, MLP."""
-  tokens_per_chunk: int
-  width: int
-  depth: int
-  num_heads: int
-  mlp_dim: int
-  dtype: Any = jnp.float32
-  stack_kw: Any = None
 
   def setup(self):
     self.queries = _learned_tokens(self, 'queries', self.tokens_per_chunk, self.width)

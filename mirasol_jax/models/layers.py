@@ -260,6 +260,9 @@ class Block(nn.Module):
     return x, new_cache
 
 
+_BLOCK_FIELDS = ('num_heads', 'mlp_dim', 'causal', 'cross_attention', 'dropout_rate', 'dtype', 'attention_impl')
+
+
 class Stack(nn.Module):
   """`num_layers` Blocks, scanned (`nn.scan`, parameters stacked on a leading `layers` axis) or unrolled.
 
@@ -288,9 +291,7 @@ class Stack(nn.Module):
       # Argument 0 is the module itself, so `deterministic` is argument 7.
       block_cls = nn.remat(Block, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan_layers,
                            static_argnums=(7,))
-    block_kw = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim, causal=self.causal,
-                    cross_attention=self.cross_attention, dropout_rate=self.dropout_rate, dtype=self.dtype,
-                    attention_impl=self.attention_impl)
+    block_kw = {name: getattr(self, name) for name in _BLOCK_FIELDS}
     if self.scan_layers:
       scanned = nn.scan(
           block_cls, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
