@@ -3,7 +3,8 @@ from setuptools import find_packages, setup
 
 # Ranges seen installing and passing the test suite together (Python 3.11, CPU, 2026-11):
 # jax/jaxlib 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8, ml_collections 1.1.0,
-# tensorflow-datasets 4.9.10, grain 0.2.18, clu 0.0.12, numpy 2.4.6, absl-py 2.5.1.
+# tensorflow-datasets 4.9.10, grain 0.2.18, clu 0.0.12, numpy 2.4.6, absl-py 2.5.1, av 18.1.0, sentencepiece 0.2.3,
+# msgpack 1.1, librosa 0.11.0 (tests only: the log-mel reference).
 INSTALL_REQUIRES = [
     'jax>=0.10.2,<0.11',
     'flax>=0.12.8,<0.13',
@@ -15,6 +16,9 @@ INSTALL_REQUIRES = [
     'clu>=0.0.12,<0.1',
     'numpy>=2.0,<3',
     'absl-py>=2.1,<3',
+    'av>=14,<19',
+    'sentencepiece>=0.2.0,<0.3',
+    'msgpack>=1.0,<2',
 ]
 
 setup(
@@ -24,6 +28,6 @@ setup(
     packages=find_packages(include=['mirasol_jax', 'mirasol_jax.*']),
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
-    extras_require={'test': ['pytest>=8,<10']},
+    extras_require={'test': ['pytest>=8,<10', 'librosa>=0.10.2,<0.12']},
     entry_points={'console_scripts': ['mirasol=mirasol_jax.main:run']},
 )

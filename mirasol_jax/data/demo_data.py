@@ -1,0 +1,204 @@
+"""The embedded default dataset: short synthetic videos with sound whose questions need both, over time.
+
+Generated on first use from a fixed seed into a cache folder (`$MIRASOL_CACHE`, default ~/.cache/mirasol_jax) as
+real H.264 + AAC mp4 files and contract-1 jsonl files (`train.jsonl`, `validation.jsonl`). Each 4-second clip shows
+one coloured shape on a dark background and plays short tones; one question per clip, of three kinds:
+
+* colour:    the shape changes colour every second; one second has a high tone (the others low or none).
+             "what colour is the shape while the high tone plays?" -> red | green | blue | yellow
+* count:     beeps sound at random times; the shape turns white at some moment.
+             "how many beeps before the shape turns white?" -> zero | one | two | three
+* direction: the shape stands still until a single beep, then moves.
+             "does the shape move left or right after the beep?" -> left | right
+
+Neither stream alone answers any question. `majority_baselines(folder)` gives the accuracy of always answering the
+most common training answer, overall and per question kind.
+
+  python -m mirasol_jax.data.demo_data [--folder DIR]   # generates (if needed) and prints the baselines
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import av
+import numpy as np
+
+VERSION = 1
+SEED = 20241121
+NUM_TRAIN, NUM_VALIDATION = 480, 120
+DURATION_S, FPS, SIZE = 4.0, 8, 96
+SAMPLE_RATE = 16_000
+COLOURS = {'red': (220, 40, 40), 'green': (40, 200, 60), 'blue': (50, 80, 230), 'yellow': (230, 210, 40)}
+COUNT_WORDS = ('zero', 'one', 'two', 'three')
+HIGH_HZ, LOW_HZ, BEEP_HZ = 1500.0, 300.0, 800.0
+BEEP_S = 0.25
+
+
+def default_folder() -> str:
+  cache = os.environ.get('MIRASOL_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'mirasol_jax'))
+  return os.path.join(cache, f'demo_v{VERSION}')
+
+
+def write_mp4(path: str, frames: np.ndarray, fps: int, audio: Optional[np.ndarray] = None,
+              sample_rate: int = SAMPLE_RATE, layout: str = 'mono', crf: int = 12) -> None:
+  """Writes uint8 frames [N, H, W, 3] as H.264 and float audio [channels, samples] as AAC into an mp4 file."""
+  with av.open(path, 'w') as container:
+    video = container.add_stream('libx264', rate=fps)
+    video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], 'yuv420p'
+    video.options = {'crf': str(crf), 'preset': 'veryfast', 'tune': 'zerolatency'}
+    audio_stream = None
+    if audio is not None:
+      audio_stream = container.add_stream('aac', rate=sample_rate, layout=layout)
+    for i, array in enumerate(frames):
+      frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format='rgb24')
+      frame.pts = i
+      container.mux(video.encode(frame))
+    container.mux(video.encode(None))
+    if audio_stream is not None:
+      block = 1024
+      audio = np.asarray(audio, np.float32)
+      for offset in range(0, audio.shape[1], block):
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio[:, offset:offset + block]), format='fltp',
+                                           layout=layout)
+        frame.sample_rate, frame.pts = sample_rate, offset
+        container.mux(audio_stream.encode(frame))
+      container.mux(audio_stream.encode(None))
+
+
+def _tone(samples: np.ndarray, start: float, length: float, hz: float, amplitude: float = 0.4) -> None:
+  lo, hi = int(start * SAMPLE_RATE), min(int((start + length) * SAMPLE_RATE), len(samples))
+  t = np.arange(hi - lo) / SAMPLE_RATE
+  ramp = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.01)  # 10 ms fades: no clicks
+  samples[lo:hi] += amplitude * ramp * np.sin(2 * np.pi * hz * t)
+
+
+def _draw(frame: np.ndarray, x: float, y: float, colour, circle: bool, radius: int = 12) -> None:
+  yy, xx = np.mgrid[:frame.shape[0], :frame.shape[1]]
+  if circle:
+    inside = (yy - y) ** 2 + (xx - x) ** 2 <= radius ** 2
+  else:
+    inside = (np.abs(yy - y) <= radius) & (np.abs(xx - x) <= radius)
+  frame[inside] = colour
+
+
+def make_clip(kind: str, rng: np.random.Generator):
+  """-> (frames [N, SIZE, SIZE, 3] uint8, audio [1, samples] float32, question, answer)."""
+  num_frames = int(DURATION_S * FPS)
+  frames = np.zeros((num_frames, SIZE, SIZE, 3), np.uint8)
+  frames[:] = rng.integers(10, 40, 3)  # dark background of a random tint
+  audio = np.zeros(int(DURATION_S * SAMPLE_RATE), np.float32)
+  circle = bool(rng.integers(2))
+  x0, y0 = rng.uniform(30, SIZE - 30, 2)
+  times = np.arange(num_frames) / FPS
+  if kind == 'colour':
+    segments = list(rng.permutation(list(COLOURS)))
+    high = int(rng.integers(4))
+    for i, t in enumerate(times):
+      _draw(frames[i], x0, y0, COLOURS[segments[int(t)]], circle)
+    for second in range(4):
+      if second == high:
+        _tone(audio, second + 0.2, 0.6, HIGH_HZ)
+      elif rng.uniform() < 0.6:
+        _tone(audio, second + 0.2, 0.6, LOW_HZ)
+    question, answer = 'what colour is the shape while the high tone plays?', segments[high]
+  elif kind == 'count':
+    colour = COLOURS[list(COLOURS)[int(rng.integers(4))]]
+    turn = rng.uniform(1.5, 3.5)
+    count = int(rng.integers(4))
+    # Keep beeps apart, so that each one can be heard (and seen in the spectrogram) on its own.
+    before = 0.1 + np.arange(count) * (turn - 0.2) / max(count, 1) + rng.uniform(0, 0.05, count)
+    after = [t for t in (turn + 0.15 + 0.4 * i for i in range(int(rng.integers(3)))) if t + BEEP_S < DURATION_S]
+    for t in list(before) + after:
+      _tone(audio, t, BEEP_S, BEEP_HZ)
+    for i, t in enumerate(times):
+      _draw(frames[i], x0, y0, (235, 235, 235) if t >= turn else colour, circle)
+    question, answer = 'how many beeps before the shape turns white?', COUNT_WORDS[count]
+  else:
+    colour = COLOURS[list(COLOURS)[int(rng.integers(4))]]
+    beep = rng.uniform(1.0, 2.5)
+    direction = 'left' if rng.integers(2) else 'right'
+    x_start = rng.uniform(40, SIZE - 40)
+    _tone(audio, beep, BEEP_S, BEEP_HZ)
+    speed = (-1 if direction == 'left' else 1) * 18.0  # pixels per second
+    for i, t in enumerate(times):
+      x = x_start + speed * max(0.0, t - beep)
+      _draw(frames[i], float(np.clip(x, 12, SIZE - 12)), y0, colour, circle)
+    question, answer = 'does the shape move left or right after the beep?', direction
+  audio += rng.normal(0, 0.01, audio.shape).astype(np.float32)  # a little noise floor
+  return frames, audio[None], question, answer
+
+
+KINDS = ('colour', 'count', 'direction')
+
+
+def generate(folder: str, num_train: int = NUM_TRAIN, num_validation: int = NUM_VALIDATION) -> None:
+  """Writes the dataset into `folder` atomically (a temporary folder renamed at the end)."""
+  parent = os.path.dirname(os.path.abspath(folder))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix='.demo_', dir=parent)
+  try:
+    os.makedirs(os.path.join(staging, 'videos'))
+    rng = np.random.default_rng(SEED)
+    for split, count in (('train', num_train), ('validation', num_validation)):
+      with open(os.path.join(staging, f'{split}.jsonl'), 'w') as f:
+        for i in range(count):
+          kind = KINDS[i % len(KINDS)]
+          frames, audio, question, answer = make_clip(kind, rng)
+          name = f'videos/{split}_{i:04d}.mp4'
+          write_mp4(os.path.join(staging, name), frames, FPS, audio)
+          line = dict(id=f'{split}_{i:04d}', video=name, start=0.0, end=DURATION_S, question=question,
+                      answer=answer, kind=kind)
+          f.write(json.dumps(line) + '\n')
+    if os.path.exists(folder):  # another process finished first
+      shutil.rmtree(staging)
+    else:
+      os.rename(staging, folder)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
+def ensure(folder: Optional[str] = None) -> str:
+  """The dataset folder, generated first if it is not there yet."""
+  folder = folder or default_folder()
+  if not os.path.exists(os.path.join(folder, 'validation.jsonl')):
+    generate(folder)
+  return folder
+
+
+def _read(folder: str, split: str) -> list[dict]:
+  with open(os.path.join(folder, f'{split}.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def majority_baselines(folder: str) -> dict[str, float]:
+  """Validation accuracy of the most common training answer: overall, and per question kind."""
+  train, validation = _read(folder, 'train'), _read(folder, 'validation')
+  overall = collections.Counter(ex['answer'] for ex in train).most_common(1)[0][0]
+  result = {'overall': float(np.mean([ex['answer'] == overall for ex in validation]))}
+  per_kind_correct = []
+  for kind in KINDS:
+    best = collections.Counter(ex['answer'] for ex in train if ex['kind'] == kind).most_common(1)[0][0]
+    correct = [ex['answer'] == best for ex in validation if ex['kind'] == kind]
+    result[kind] = float(np.mean(correct))
+    per_kind_correct += correct
+  result['per_kind'] = float(np.mean(per_kind_correct))
+  return result
+
+
+if __name__ == '__main__':
+  import argparse
+  import time
+
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--folder', default=None)
+  args = parser.parse_args()
+  start = time.perf_counter()
+  path = ensure(args.folder)
+  print(f'{path} ready in {time.perf_counter() - start:.1f}s')
+  print(json.dumps(majority_baselines(path), indent=1))

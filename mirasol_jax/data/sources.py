@@ -1,0 +1,132 @@
+"""Random-access sources of raw examples (contract 1): a jsonl folder, ArrayRecord shards, a TFDS dataset.
+
+Every source yields the same record for the same example: a dict with `id`, the media as `video_path` (a file) or
+`video_bytes` (the encoded file), optional `start` / `end`, the text fields, and `error` when the line itself is
+unusable (bad JSON, no `video` field): such a record keeps its place, so skipping it never shifts the others.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any, Mapping, Optional
+
+import grain
+import msgpack
+
+MEDIA_FIELDS = ('video_path', 'video_bytes')
+RECORD_FIELDS = ('id', 'start', 'end', 'title', 'question', 'answer', 'caption', 'label', 'options', 'kind')
+
+
+def parse_line(line: str, folder: str, line_number: int, split: str) -> dict[str, Any]:
+  """One jsonl line -> a record; problems become `error` instead of exceptions."""
+  where = f'{split}.jsonl:{line_number + 1}'
+  try:
+    raw = json.loads(line)
+  except json.JSONDecodeError as e:
+    return {'id': where, 'error': f'{where}: not valid JSON ({e.msg})'}
+  if not isinstance(raw, dict):
+    return {'id': where, 'error': f'{where}: a line must be a JSON object'}
+  record = {k: raw[k] for k in RECORD_FIELDS if k in raw}
+  record.setdefault('id', where)
+  if 'video' not in raw:
+    record['error'] = f'{where}: missing field "video"'
+  else:
+    record['video_path'] = os.path.join(folder, raw['video'])
+  if not any(raw.get(f) is not None for f in ('answer', 'caption', 'label')):
+    record['error'] = f'{where}: no target field (one of "answer", "caption", "label")'
+  return record
+
+
+class JsonlSource(grain.sources.RandomAccessDataSource):
+  """`{folder}/{split}.jsonl` with media files relative to the folder."""
+
+  def __init__(self, folder: str, split: str):
+    path = os.path.join(folder, f'{split}.jsonl')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{path} does not exist (config.data.path={folder!r}, split={split!r})')
+    with open(path) as f:
+      self._records = [parse_line(line, folder, i, split) for i, line in enumerate(f) if line.strip()]
+    self._path = path
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return dict(self._records[index])
+
+  def __repr__(self) -> str:
+    return f'JsonlSource({self._path!r}, {len(self)} records)'
+
+
+def encode_record(record: Mapping[str, Any]) -> bytes:
+  """A record with its media read into `video_bytes`, as stored in ArrayRecord shards."""
+  stored = {k: v for k, v in record.items() if k != 'video_path'}
+  path = record.get('video_path')
+  if path is not None and 'error' not in record:
+    try:
+      with open(path, 'rb') as f:
+        stored['video_bytes'] = f.read()
+    except OSError as e:
+      stored['error'] = f'{path}: {e.strerror or e}'
+  stored.setdefault('video_name', os.path.basename(path) if path else None)
+  return msgpack.packb(stored, use_bin_type=True)
+
+
+def decode_record(data: bytes) -> dict[str, Any]:
+  return msgpack.unpackb(data, raw=False)
+
+
+def shard_paths(folder: str, split: str) -> list[str]:
+  return sorted(glob.glob(os.path.join(folder, f'{split}.array_record-*-of-*')))
+
+
+def write_array_record(source_folder: str, output_folder: str, split: str, num_shards: int = 4) -> list[str]:
+  """Converts `{source_folder}/{split}.jsonl` and its media into `num_shards` ArrayRecord shards, in order."""
+  from array_record.python import array_record_module
+
+  source = JsonlSource(source_folder, split)
+  os.makedirs(output_folder, exist_ok=True)
+  per_shard = -(-len(source) // num_shards)
+  paths = []
+  for shard in range(num_shards):
+    path = os.path.join(output_folder, f'{split}.array_record-{shard:05d}-of-{num_shards:05d}')
+    writer = array_record_module.ArrayRecordWriter(path, 'group_size:1')
+    for index in range(shard * per_shard, min((shard + 1) * per_shard, len(source))):
+      writer.write(encode_record(source[index]))
+    writer.close()
+    paths.append(path)
+  return paths
+
+
+class ArrayRecordSource(grain.sources.RandomAccessDataSource):
+  """ArrayRecord shards written by `write_array_record`, read with grain's ArrayRecordDataSource."""
+
+  def __init__(self, folder: str, split: str):
+    paths = shard_paths(folder, split)
+    if not paths:
+      raise FileNotFoundError(f'no ArrayRecord shards {split}.array_record-*-of-* in {folder!r}')
+    self._source = grain.sources.ArrayRecordDataSource(paths)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    return decode_record(self._source[index])
+
+  def __repr__(self) -> str:
+    return f'ArrayRecordSource({self._source!r})'
+
+
+def open_source(data_config: Mapping[str, Any], split: str, folder: Optional[str] = None):
+  """The source named by `config.data.source`: jsonl | array_record | tfds."""
+  kind = data_config.get('source', 'jsonl')
+  folder = folder or data_config['path']
+  if kind == 'jsonl':
+    return JsonlSource(folder, split)
+  if kind == 'array_record':
+    return ArrayRecordSource(folder, split)
+  if kind == 'tfds':
+    from mirasol_jax.data import tfds_source
+    return tfds_source.open_source(folder, split)
+  raise ValueError(f'config.data.source={kind!r} is not one of jsonl, array_record, tfds')
