@@ -1,4 +1,7 @@
-"""Config helpers: `key=value` arguments of config files, and loading `path.py[:arg]` outside absl flags."""
+"""Config helpers: the fields every training config has, `key=value` arguments, loading `path.py[:arg]`.
+
+Config files in configs/ stay short: they call `base_config` and change what their experiment changes.
+"""
 from __future__ import annotations
 
 import importlib.util
@@ -37,3 +40,52 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg or None)
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  """config.data: where examples come from and how they are decoded (mirasol_jax/data/pipeline.py)."""
+  data = dict(
+      source='jsonl',  # jsonl (a contract-1 folder) | demo (the embedded dataset) | array_record | tfds
+      path='',  # the dataset folder (jsonl, demo), shard folder (array_record) or data_dir (tfds)
+      tokenizer='',  # SentencePiece model; `python -m mirasol_jax.main tokenizer` trains one
+      train_split='train',
+      eval_split='validation',
+      num_workers=0,  # grain worker processes decoding media
+      sample_rate=16_000,
+      window_ms=25.0,
+      hop_ms=10.0,
+      train_resize_ratio=1.15,  # training: short side resized to 1.15 x the crop, then random crop and flip
+  )
+  data.update(overrides)
+  return ml_collections.ConfigDict(data)
+
+
+def base_config(size: str = 'tiny', combiner: str = 'ttm', frames: int = 0) -> ml_collections.ConfigDict:
+  """Contract 4b: a complete training config around the `size` model preset."""
+  from mirasol_jax import sharding
+  from mirasol_jax.models import sizes
+
+  config = ml_collections.ConfigDict()
+  config.model = sizes.model_config(size, combiner)
+  if frames:
+    k = config.model.num_frames // config.model.num_chunks
+    if frames % k:
+      raise ValueError(f'frames={frames} is not a multiple of the chunk length k={k} frames')
+    config.model.num_frames, config.model.num_chunks = frames, frames // k
+  # One object, seen as config.loss_weights and config.model.loss_weights: an override of either changes both.
+  config.loss_weights = ml_collections.ConfigDict(dict(text=1.0, latent=1.0, video_recon=1.0, audio_recon=0.0))
+  config.model.loss_weights = config.loss_weights
+  config.data = data_config()
+  config.batch_size = 8
+  config.total_steps = 10_000
+  config.log_every_steps = 50
+  config.eval_every_steps = 1_000
+  config.checkpoint_every_steps = 1_000
+  config.seed = 0
+  config.optimizer = 'adamw'
+  config.lr = 1e-4
+  config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  config.axis_rules = sharding.DEFAULT_AXIS_RULES
+  config.init_from = ''
+  return config
+

@@ -1,12 +1,17 @@
 """Command line of mirasol_jax (also installed as `mirasol`).
 
-  python -m mirasol_jax.main params  --config=configs/pretrain.py:size=3b
-  python -m mirasol_jax.main forward --config=configs/pretrain.py:size=small [--batch_size=2]
+  python -m mirasol_jax.main params    --config=configs/pretrain.py:size=3b
+  python -m mirasol_jax.main forward   --config=configs/pretrain.py:size=small [--batch_size=2]
+  python -m mirasol_jax.main tokenizer --config=configs/demo.py --workdir=DIR
+  python -m mirasol_jax.main convert   --config=... --format=array_record|tfds --output=DIR [--num_shards=4]
 
 `params` prints the parameter count per tower from `jax.eval_shape` (no memory is allocated) and the analytic
 training FLOPs per example. `forward` builds the model, runs a training-mode forward pass on a random batch, greedy
-decoding with the KV cache, and the chunk-by-chunk path, and prints what each gives. Any config field can be
-overridden: `--config.model.combiner=qformer`.
+decoding with the KV cache, and the chunk-by-chunk path, and prints what each gives. `tokenizer` trains a
+SentencePiece model (config.model.vocab_size pieces, byte fallback) on the text of the training split and writes it
+to config.data.tokenizer, or to WORKDIR/tokenizer.model when that is empty. `convert` writes every split of the
+dataset folder as ArrayRecord shards or as a TFDS dataset, media bytes inside. Any config field can be overridden:
+`--config.model.combiner=qformer`, `--config.data.path=DIR`.
 """
 from __future__ import annotations
 
@@ -19,8 +24,12 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, optionally with :arg.', lock_config=True)
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 2, '`forward`: examples in the random batch.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the run (contract 4).')
+_FORMAT = flags.DEFINE_enum('format', 'array_record', ['array_record', 'tfds'], '`convert`: output format.')
+_OUTPUT = flags.DEFINE_string('output', None, '`convert`: output folder.')
+_NUM_SHARDS = flags.DEFINE_integer('num_shards', 4, '`convert`: ArrayRecord shards per split.')
 
-COMMANDS = ('params', 'forward')
+COMMANDS = ('params', 'forward', 'tokenizer', 'convert')
 
 
 def _format_count(n: float) -> str:
@@ -93,6 +102,40 @@ def forward(config, batch_size: int) -> None:
   print(f'chunk-by-chunk latents vs full pass: max |diff| = {err:.2e} ({config.model.dtype})')
 
 
+def train_tokenizer(config, workdir) -> str:
+  """Trains the run's tokenizer on the training split's text; returns its path."""
+  import os
+  from mirasol_jax.data import sources
+  from mirasol_jax.data import tokenizer
+
+  path = config.data.tokenizer or (os.path.join(workdir, 'tokenizer.model') if workdir else None)
+  if not path:
+    raise app.UsageError('set --config.data.tokenizer=PATH or --workdir=DIR for the tokenizer to write')
+  source = sources.open_source(config.data, config.data.train_split)
+  texts = [text for i in range(len(source)) for text in tokenizer.text_fields(source[i])]
+  if not texts:
+    raise ValueError(f'{source!r} has no text to train a tokenizer on')
+  tokenizer.train(texts, config.model.vocab_size, path)
+  size = tokenizer.load(path).vocab_size()
+  print(f'tokenizer: {size} pieces from {len(texts)} texts of {source!r} -> {path}')
+  return path
+
+
+def convert(config, output: str, output_format: str, num_shards: int) -> None:
+  import os
+  from mirasol_jax.data import sources
+  from mirasol_jax.data import tfds_source
+
+  folder = sources.dataset_folder(config.data)
+  if output_format == 'tfds':
+    print(f'tfds dataset of {folder} -> {tfds_source.prepare(folder, output)}')
+    return
+  for split in tfds_source.SPLITS:
+    if os.path.exists(os.path.join(folder, f'{split}.jsonl')):
+      paths = sources.write_array_record(folder, output, split, num_shards)
+      print(f'{split}: {len(paths)} ArrayRecord shards in {output}')
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f'usage: python -m mirasol_jax.main {{{"|".join(COMMANDS)}}} --config=FILE[:ARG]; got '
@@ -105,6 +148,12 @@ def main(argv):
   elif argv[1] == 'forward':
     print(param_table(config))
     forward(config, _BATCH_SIZE.value)
+  elif argv[1] == 'tokenizer':
+    train_tokenizer(config, _WORKDIR.value)
+  elif argv[1] == 'convert':
+    if not _OUTPUT.value:
+      raise app.UsageError('convert needs --output=DIR')
+    convert(config, _OUTPUT.value, _FORMAT.value, _NUM_SHARDS.value)
 
 
 def run():

@@ -235,16 +235,30 @@ def test_process_shards_are_disjoint_and_complete(dataset, process_count):
   assert len(train_seen) == len(set(train_seen))  # shuffled shards never overlap
 
 
-def test_array_record_shards_yield_the_same_examples(dataset, tmp_path):
-  paths = sources.write_array_record(dataset, str(tmp_path), 'train', num_shards=3)
+def test_array_record_and_tfds_sources_yield_the_same_examples(dataset, tmp_path):
+  from mirasol_jax.data import tfds_source
+  paths = sources.write_array_record(dataset, str(tmp_path / 'shards'), 'train', num_shards=3)
   assert len(paths) == 3
+  tfds_source.prepare(dataset, str(tmp_path / 'tfds'))
+  jsonl_source = sources.open_source(_config(dataset).data, 'train')
+  for kind, path in (('array_record', tmp_path / 'shards'), ('tfds', tmp_path / 'tfds')):
+    source = sources.open_source(_config(dataset, source=kind, path=str(path)).data, 'train')
+    assert len(source) == len(jsonl_source)
+    for i in range(len(source)):
+      want, got = jsonl_source[i], source[i]
+      # A missing file cannot be embedded: the converted record carries the error the jsonl one meets on decoding.
+      unreadable = 'video_path' in want and not os.path.exists(want['video_path'])
+      assert ('error' in got) == ('error' in want or unreadable)
+      ignored = ('video_bytes', 'video_name', 'video_path', 'error')
+      assert {k: v for k, v in got.items() if k not in ignored} == \
+             {k: v for k, v in want.items() if k not in ignored}, (kind, i)
   jsonl = _all_batches(pipeline.build(_config(dataset), 'train', train=False))
-  shards = _all_batches(pipeline.build(_config(dataset, source='array_record', path=str(tmp_path)), 'train',
-                                       train=False))
-  assert len(jsonl) == len(shards)
-  for a, b in zip(jsonl, shards):
-    for key in a:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  for kind, path in (('array_record', tmp_path / 'shards'), ('tfds', tmp_path / 'tfds')):
+    batches = _all_batches(pipeline.build(_config(dataset, source=kind, path=str(path)), 'train', train=False))
+    assert len(batches) == len(jsonl)
+    for a, b in zip(jsonl, batches):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f'{kind}: {key}')
 
 
 def test_demo_data_is_deterministic_and_needs_both_modalities(tmp_path):
@@ -266,3 +280,45 @@ def test_demo_data_is_deterministic_and_needs_both_modalities(tmp_path):
   assert demo_data.COLOURS[answer] == tuple(int(c) for c in colour)
   baselines = demo_data.majority_baselines(str(tmp_path / 'a'))
   assert 0.0 <= baselines['overall'] <= baselines['per_kind'] <= 1.0
+
+
+def test_training_jitter_changes_every_epoch_and_evaluation_is_fixed(dataset):
+  config = _config(dataset, batch_size=10)  # one batch = one epoch of the 10 records
+  iterator = pipeline.build(config, 'train')
+  first, second = next(iterator), next(iterator)
+  good = int(np.flatnonzero(first['index'] == 0)[0]), int(np.flatnonzero(second['index'] == 0)[0])
+  assert not np.array_equal(first['video'][good[0]], second['video'][good[1]])  # new crop, flip and frame times
+  evaluation = [next(pipeline.build(config, 'train', train=False))['video'] for _ in range(2)]
+  np.testing.assert_array_equal(evaluation[0], evaluation[1])
+
+
+def test_to_global_makes_sharded_arrays_of_a_process_batch(dataset):
+  import jax
+  from mirasol_jax import sharding
+  config = _config(dataset, batch_size=4)
+  batch = pipeline.model_inputs(next(pipeline.build(config, 'train', train=False)))
+  mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=1), jax.devices()[:4])
+  arrays = pipeline.to_global(batch, sharding.batch_sharding(mesh))
+  assert set(arrays) == {'video', 'audio', 'audio_mask', 'text_tokens', 'text_loss_mask', 'example_mask'}
+  for key, value in arrays.items():
+    assert value.shape == batch[key].shape and len(value.sharding.device_set) == 4
+    assert value.addressable_shards[0].data.shape[0] == 1  # 4 examples over 2 x 2 devices
+    np.testing.assert_array_equal(np.asarray(value), batch[key])
+
+
+def test_tokenizer_and_convert_commands(dataset, tmp_path, repo):
+  import subprocess
+  import sys
+  common = ['--config=configs/pretrain.py:size=small', f'--config.data.path={dataset}']
+  run = lambda *args: subprocess.run([sys.executable, '-m', 'mirasol_jax.main', *args, *common], cwd=repo,
+                                     capture_output=True, text=True, timeout=300)
+  result = run('tokenizer', f'--workdir={tmp_path}')
+  assert result.returncode == 0, result.stderr
+  processor = tokenizer.load(str(tmp_path / 'tokenizer.model'))
+  assert processor.decode(processor.encode('how many channels?')) == 'how many channels?'
+  result = run('convert', f'--output={tmp_path / "shards"}', '--num_shards=2')
+  assert result.returncode == 0, result.stderr
+  assert len(sources.shard_paths(str(tmp_path / 'shards'), 'train')) == 2
+  result = subprocess.run([sys.executable, '-m', 'mirasol_jax.main', 'tokenizer', f'--workdir={tmp_path}',
+                           '--config=configs/pretrain.py:size=small'], cwd=repo, capture_output=True, text=True)
+  assert result.returncode != 0 and 'config.data.path is empty' in result.stderr

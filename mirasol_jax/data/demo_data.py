@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ from typing import Optional
 import av
 import numpy as np
 
-VERSION = 1
+VERSION = 2
 SEED = 20241121
 NUM_TRAIN, NUM_VALIDATION = 480, 120
 DURATION_S, FPS, SIZE = 4.0, 8, 96
@@ -136,24 +137,35 @@ def make_clip(kind: str, rng: np.random.Generator):
 KINDS = ('colour', 'count', 'direction')
 
 
+def _write_clip(job) -> dict:
+  """Writes one clip; its content depends only on (split, index), so clips can be made in any order."""
+  staging, split, index = job
+  kind = KINDS[index % len(KINDS)]
+  rng = np.random.default_rng([SEED, SPLITS.index(split), index])
+  frames, audio, question, answer = make_clip(kind, rng)
+  name = f'videos/{split}_{index:04d}.mp4'
+  write_mp4(os.path.join(staging, name), frames, FPS, audio)
+  return dict(id=f'{split}_{index:04d}', video=name, start=0.0, end=DURATION_S, question=question, answer=answer,
+              kind=kind)
+
+
+SPLITS = ('train', 'validation')
+
+
 def generate(folder: str, num_train: int = NUM_TRAIN, num_validation: int = NUM_VALIDATION) -> None:
-  """Writes the dataset into `folder` atomically (a temporary folder renamed at the end)."""
+  """Writes the dataset into `folder` atomically (a temporary folder renamed at the end), one process per core."""
   parent = os.path.dirname(os.path.abspath(folder))
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix='.demo_', dir=parent)
   try:
     os.makedirs(os.path.join(staging, 'videos'))
-    rng = np.random.default_rng(SEED)
-    for split, count in (('train', num_train), ('validation', num_validation)):
-      with open(os.path.join(staging, f'{split}.jsonl'), 'w') as f:
-        for i in range(count):
-          kind = KINDS[i % len(KINDS)]
-          frames, audio, question, answer = make_clip(kind, rng)
-          name = f'videos/{split}_{i:04d}.mp4'
-          write_mp4(os.path.join(staging, name), frames, FPS, audio)
-          line = dict(id=f'{split}_{i:04d}', video=name, start=0.0, end=DURATION_S, question=question,
-                      answer=answer, kind=kind)
-          f.write(json.dumps(line) + '\n')
+    jobs = {split: [(staging, split, i) for i in range(count)]
+            for split, count in zip(SPLITS, (num_train, num_validation))}
+    with multiprocessing.get_context('spawn').Pool(os.cpu_count() or 1) as pool:
+      for split in SPLITS:
+        lines = pool.map(_write_clip, jobs[split], chunksize=8)
+        with open(os.path.join(staging, f'{split}.jsonl'), 'w') as f:
+          f.writelines(json.dumps(line) + '\n' for line in lines)
     if os.path.exists(folder):  # another process finished first
       shutil.rmtree(staging)
     else:

@@ -46,11 +46,6 @@ class MediaInfo:
   height: int
 
 
-def probe(source: Source) -> MediaInfo:
-  with _open(source) as container:
-    return _info(container, source)
-
-
 def _info(container, source: Source) -> MediaInfo:
   if not container.streams.video:
     raise MediaError(f'{_describe(source)}: no video stream')
@@ -66,31 +61,31 @@ def _info(container, source: Source) -> MediaInfo:
                    stream.codec_context.height)
 
 
-def segment_times(start: float, end: float, num_frames: int, rng: Optional[np.random.Generator] = None):
-  """[num_frames] sample times: one per equal segment of [start, end], random inside it if rng is given."""
-  offsets = np.full(num_frames, 0.5) if rng is None else rng.uniform(0.0, 1.0, num_frames)
-  return start + (np.arange(num_frames) + offsets) * (end - start) / num_frames
+class MediaFile:
+  """One open media file: its info, frames at timestamps, audio of a time span. Use as a context manager."""
 
+  def __init__(self, source: Source):
+    self._source = source
+    self._container = _open(source)
+    try:
+      self.info = _info(self._container, source)
+    except BaseException:
+      self._container.close()
+      raise
 
-def chunk_bounds(start: float, end: float, num_chunks: int) -> list[tuple[float, float]]:
-  """[(start_t, end_t)] of each of num_chunks equal chunks of [start, end]; chunk t holds frame segments t*k..."""
-  edges = start + (end - start) * np.arange(num_chunks + 1) / num_chunks
-  return [(float(a), float(b)) for a, b in zip(edges[:-1], edges[1:])]
+  def __enter__(self) -> 'MediaFile':
+    return self
 
+  def __exit__(self, *exc) -> None:
+    self._container.close()
 
-def _resize_shape(width: int, height: int, short_side: int) -> tuple[int, int]:
-  scale = short_side / min(width, height)
-  return max(short_side, int(round(width * scale))), max(short_side, int(round(height * scale)))
-
-
-def decode_frames(source: Source, times: Sequence[float], short_side: int) -> np.ndarray:
-  """uint8 [N, h, w, 3]: the frame shown at each of `times` (ascending), resized so that min(h, w) = short_side."""
-  times = np.asarray(times, np.float64)
-  with _open(source) as container:
-    info = _info(container, source)
+  def frames(self, times: Sequence[float], short_side: int) -> np.ndarray:
+    """uint8 [N, h, w, 3]: the frame shown at each of `times` (ascending), resized so that min(h, w) = short_side."""
+    times = np.asarray(times, np.float64)
+    container, source = self._container, self._source
     stream = container.streams.video[0]
     stream.thread_type = 'AUTO'
-    size = _resize_shape(info.width, info.height, short_side)
+    size = _resize_shape(self.info.width, self.info.height, short_side)
     out: list[Optional[np.ndarray]] = [None] * len(times)
     try:
       first = max(float(times[0]), 0.0)
@@ -117,29 +112,22 @@ def decode_frames(source: Source, times: Sequence[float], short_side: int) -> np
         out[i:] = [last] * (len(times) - i)
     except av.FFmpegError as e:
       raise MediaError(f'{_describe(source)}: video decoding failed ({e})') from e
-  return np.stack(out)
+    return np.stack(out)
 
+  def audio(self, start: float, end: float, sample_rate: int = 16_000) -> Optional[np.ndarray]:
+    """float32 [round((end - start) * sample_rate)] mono samples of [start, end], or None without an audio track.
 
-def _to_rgb(frame, size: tuple[int, int]) -> np.ndarray:
-  return frame.reformat(width=size[0], height=size[1], format='rgb24', interpolation='BILINEAR').to_ndarray()
-
-
-def decode_audio(source: Source, start: float, end: float, sample_rate: int = 16_000) -> Optional[np.ndarray]:
-  """float32 [round((end - start) * sample_rate)] mono samples of [start, end], or None without an audio track.
-
-  Any channel layout (5.1 included) is downmixed by the resampler. Time before the first audio sample or after
-  the last one is silence.
-  """
-  num_samples = int(round((end - start) * sample_rate))
-  with _open(source) as container:
+    Any channel layout (5.1 included) is downmixed by the resampler. Time before the first audio sample or after
+    the last one is silence.
+    """
+    container = self._container
     if not container.streams.audio:
       return None
     stream = container.streams.audio[0]
     resampler = av.AudioResampler(format='flt', layout='mono', rate=sample_rate)
-    out = np.zeros(num_samples, np.float32)
+    out = np.zeros(int(round((end - start) * sample_rate)), np.float32)
     try:
-      if start > 0.5:
-        container.seek(int((start - 0.5) / stream.time_base), stream=stream, backward=True)
+      container.seek(int(max(start - 0.5, 0.0) / stream.time_base), stream=stream, backward=True)
       for frame in container.decode(stream):
         done = False
         for resampled in resampler.resample(frame):
@@ -147,8 +135,46 @@ def decode_audio(source: Source, start: float, end: float, sample_rate: int = 16
         if done:
           break
     except av.FFmpegError as e:
-      raise MediaError(f'{_describe(source)}: audio decoding failed ({e})') from e
-  return out
+      raise MediaError(f'{_describe(self._source)}: audio decoding failed ({e})') from e
+    return out
+
+
+def probe(source: Source) -> MediaInfo:
+  with MediaFile(source) as f:
+    return f.info
+
+
+def decode_frames(source: Source, times: Sequence[float], short_side: int) -> np.ndarray:
+  """MediaFile.frames of a path or bytes."""
+  with MediaFile(source) as f:
+    return f.frames(times, short_side)
+
+
+def decode_audio(source: Source, start: float, end: float, sample_rate: int = 16_000) -> Optional[np.ndarray]:
+  """MediaFile.audio of a path or bytes."""
+  with MediaFile(source) as f:
+    return f.audio(start, end, sample_rate)
+
+
+def segment_times(start: float, end: float, num_frames: int, rng: Optional[np.random.Generator] = None):
+  """[num_frames] sample times: one per equal segment of [start, end], random inside it if rng is given."""
+  offsets = np.full(num_frames, 0.5) if rng is None else rng.uniform(0.0, 1.0, num_frames)
+  return start + (np.arange(num_frames) + offsets) * (end - start) / num_frames
+
+
+def chunk_bounds(start: float, end: float, num_chunks: int) -> list[tuple[float, float]]:
+  """[(start_t, end_t)] of each of num_chunks equal chunks of [start, end]; chunk t holds frame segments t*k..."""
+  edges = start + (end - start) * np.arange(num_chunks + 1) / num_chunks
+  return [(float(a), float(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _resize_shape(width: int, height: int, short_side: int) -> tuple[int, int]:
+  scale = short_side / min(width, height)
+  return max(short_side, int(round(width * scale))), max(short_side, int(round(height * scale)))
+
+
+def _to_rgb(frame, size: tuple[int, int]) -> np.ndarray:
+  return frame.reformat(width=size[0], height=size[1], format='rgb24', interpolation='BILINEAR').to_ndarray()
 
 
 def _place(out: np.ndarray, frame, start: float, sample_rate: int) -> bool:

@@ -72,9 +72,13 @@ class DecodeExample(grain.transforms.RandomMap):
   def _decode(self, record: Mapping[str, Any], rng: Optional[np.random.Generator]) -> dict[str, np.ndarray]:
     if 'error' in record:
       raise ValueError(record['error'])
-    m, d = self._model, self._data
     source = record['video_bytes'] if 'video_bytes' in record else record['video_path']
-    info = media.probe(source)
+    with media.MediaFile(source) as media_file:
+      return self._decode_media(record, media_file, rng)
+
+  def _decode_media(self, record, media_file: media.MediaFile, rng) -> dict[str, np.ndarray]:
+    m, d = self._model, self._data
+    info = media_file.info
     start = float(record.get('start') or 0.0)
     end = min(float(record['end']) if record.get('end') is not None else info.duration, info.duration)
     if start >= info.duration:
@@ -87,11 +91,11 @@ class DecodeExample(grain.transforms.RandomMap):
     short_side = max(height, width)
     if rng is not None:
       short_side = int(round(short_side * d.get('train_resize_ratio', 1.15)))
-    frames = media.decode_frames(source, media.segment_times(start, end, n, rng), short_side)
+    frames = media_file.frames(media.segment_times(start, end, n, rng), short_side)
     frames = _crop(frames, height, width, rng)
     example = self._blank()
     example['video'] = frames.reshape(t, n // t, height, width, 3)
-    waveform = media.decode_audio(source, start, end, d.get('sample_rate', 16_000))
+    waveform = media_file.audio(start, end, d.get('sample_rate', 16_000))
     if waveform is not None:
       bounds = [(a - start, b - start) for a, b in media.chunk_bounds(start, end, t)]
       example['audio'] = audio_lib.chunk_log_mel(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import grain
 import msgpack
@@ -118,15 +118,26 @@ class ArrayRecordSource(grain.sources.RandomAccessDataSource):
     return f'ArrayRecordSource({self._source!r})'
 
 
-def open_source(data_config: Mapping[str, Any], split: str, folder: Optional[str] = None):
-  """The source named by `config.data.source`: jsonl | array_record | tfds."""
+def dataset_folder(data_config: Mapping[str, Any]) -> str:
+  """The folder of config.data: for source 'demo', the embedded dataset, generated on first use."""
+  if data_config.get('source', 'jsonl') == 'demo':
+    from mirasol_jax.data import demo_data
+    return demo_data.ensure(data_config.get('path') or None)
+  if not data_config.get('path'):
+    raise ValueError('config.data.path is empty: set it to your dataset folder (--config.data.path=DIR) or use '
+                     'config.data.source=demo')
+  return data_config['path']
+
+
+def open_source(data_config: Mapping[str, Any], split: str):
+  """The source named by `config.data.source`: jsonl | demo | array_record | tfds."""
   kind = data_config.get('source', 'jsonl')
-  folder = folder or data_config['path']
-  if kind == 'jsonl':
+  folder = dataset_folder(data_config)
+  if kind in ('jsonl', 'demo'):
     return JsonlSource(folder, split)
   if kind == 'array_record':
     return ArrayRecordSource(folder, split)
   if kind == 'tfds':
     from mirasol_jax.data import tfds_source
     return tfds_source.open_source(folder, split)
-  raise ValueError(f'config.data.source={kind!r} is not one of jsonl, array_record, tfds')
+  raise ValueError(f'config.data.source={kind!r} is not one of jsonl, demo, array_record, tfds')

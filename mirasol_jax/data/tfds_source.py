@@ -1,0 +1,96 @@
+"""A TFDS dataset (`array_record` files, no TensorFlow needed) built from a contract-1 folder, and its source.
+
+`prepare(folder, data_dir)` writes every split of the folder (`train.jsonl`, `validation.jsonl`, `test.jsonl`) with
+the media bytes inside; `open_source(data_dir, split)` reads it through `tfds` random access and gives the same
+records, in the same order, as the jsonl folder. Media stay encoded and are decoded in the grain pipeline.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import grain
+import numpy as np
+import tensorflow_datasets as tfds
+
+from mirasol_jax.data import sources
+
+NAME = 'mirasol_dataset'
+SPLITS = ('train', 'validation', 'test')
+TEXT_FIELDS = ('id', 'title', 'question', 'answer', 'caption', 'label', 'kind', 'error', 'video_name')
+
+
+class MirasolDataset(tfds.core.GeneratorBasedBuilder):
+  """Contract-1 examples with their media bytes. Built with `prepare`, never downloaded."""
+  VERSION = tfds.core.Version('1.0.0')
+
+  def __init__(self, *, source_folder: str | None = None, **kwargs):
+    self._source_folder = source_folder
+    super().__init__(file_format='array_record', **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    bytes_feature = lambda: tfds.features.Tensor(shape=(), dtype=np.object_)
+    features = {name: bytes_feature() for name in TEXT_FIELDS + ('video_bytes', 'options_json')}
+    features.update(start=tfds.features.Scalar(dtype=np.float32), end=tfds.features.Scalar(dtype=np.float32))
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
+                                 disable_shuffling=True)  # keep the jsonl order
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    if self._source_folder is None:
+      raise ValueError('MirasolDataset is built from a folder: use mirasol_jax.data.tfds_source.prepare()')
+    return {split: self._generate_examples(split) for split in SPLITS
+            if os.path.exists(os.path.join(self._source_folder, f'{split}.jsonl'))}
+
+  def _generate_examples(self, split: str):
+    source = sources.JsonlSource(self._source_folder, split)
+    for index in range(len(source)):
+      record = sources.decode_record(sources.encode_record(source[index]))
+      example = {name: str(record.get(name) or '').encode() for name in TEXT_FIELDS}
+      example['video_bytes'] = record.get('video_bytes') or b''
+      example['options_json'] = json.dumps(record['options']).encode() if record.get('options') else b''
+      for bound in ('start', 'end'):
+        example[bound] = float(record[bound]) if record.get(bound) is not None else math.nan
+      yield index, example
+
+
+def prepare(folder: str, data_dir: str) -> str:
+  """Builds the TFDS dataset of `folder` under `data_dir` (a no-op if it is already there)."""
+  builder = MirasolDataset(source_folder=folder, data_dir=data_dir)
+  builder.download_and_prepare()
+  return builder.data_dir
+
+
+class TfdsSource(grain.sources.RandomAccessDataSource):
+  """Records of a prepared MirasolDataset split, in the form every source yields."""
+
+  def __init__(self, data_dir: str, split: str):
+    builder = MirasolDataset(data_dir=data_dir)
+    if not os.path.exists(os.path.join(builder.data_dir, 'dataset_info.json')):
+      raise FileNotFoundError(f'no prepared {NAME} dataset in {data_dir!r}; build one with '
+                              f'`python -m mirasol_jax.main convert --format=tfds`')
+    self._source = builder.as_data_source(split)
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    raw = self._source[index]
+    record = {name: raw[name].decode() for name in TEXT_FIELDS if raw[name]}
+    if raw['video_bytes']:
+      record['video_bytes'] = raw['video_bytes']
+    if raw['options_json']:
+      record['options'] = json.loads(raw['options_json'])
+    for bound in ('start', 'end'):
+      if not math.isnan(raw[bound]):
+        record[bound] = float(raw[bound])
+    return record
+
+  def __repr__(self) -> str:
+    return f'TfdsSource({self._source!r})'
+
+
+def open_source(data_dir: str, split: str) -> TfdsSource:
+  return TfdsSource(data_dir, split)
