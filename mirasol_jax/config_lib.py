@@ -48,6 +48,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       source='jsonl',  # jsonl (a contract-1 folder) | demo (the embedded dataset) | array_record | tfds
       path='',  # the dataset folder (jsonl, demo), shard folder (array_record) or data_dir (tfds)
       tokenizer='',  # SentencePiece model; `python -m mirasol_jax.main tokenizer` trains one
+      tokenizer_type='bpe',  # bpe | unigram, for the tokenizer command
       train_split='train',
       eval_split='validation',
       num_workers=0,  # grain worker processes decoding media

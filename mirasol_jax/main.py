@@ -1,13 +1,15 @@
 """Command line of mirasol_jax (also installed as `mirasol`).
 
   python -m mirasol_jax.main params    --config=configs/pretrain.py:size=3b
+  python -m mirasol_jax.main forward   --config=configs/demo.py --workdir=DIR
   python -m mirasol_jax.main forward   --config=configs/pretrain.py:size=small [--batch_size=2]
   python -m mirasol_jax.main tokenizer --config=configs/demo.py --workdir=DIR
   python -m mirasol_jax.main convert   --config=... --format=array_record|tfds --output=DIR [--num_shards=4]
 
 `params` prints the parameter count per tower from `jax.eval_shape` (no memory is allocated) and the analytic
-training FLOPs per example. `forward` builds the model, runs a training-mode forward pass on a random batch, greedy
-decoding with the KV cache, and the chunk-by-chunk path, and prints what each gives. `tokenizer` trains a
+training FLOPs per example. `forward` builds the model and runs, on the first validation batch of config.data (the
+embedded dataset for configs/demo.py; a random batch when the config names no data), a training-mode forward pass,
+greedy decoding with the KV cache, and the chunk-by-chunk path, and prints what each gives. `tokenizer` trains a
 SentencePiece model (config.model.vocab_size pieces, byte fallback) on the text of the training split and writes it
 to config.data.tokenizer, or to WORKDIR/tokenizer.model when that is empty. `convert` writes every split of the
 dataset folder as ArrayRecord shards or as a TFDS dataset, media bytes inside. Any config field can be overridden:
@@ -65,14 +67,10 @@ def param_table(config) -> str:
   return '\n'.join(rows)
 
 
-def forward(config, batch_size: int) -> None:
-  import jax
-  import jax.numpy as jnp
+def _random_batch(config, batch_size: int):
   import numpy as np
-  from mirasol_jax import decoding
   from mirasol_jax.models import mirasol
 
-  model = mirasol.Model(**config.model)
   rng = np.random.default_rng(config.seed)
   batch = mirasol.example_batch(config, batch_size)
   batch['video'] = rng.integers(0, 256, batch['video'].shape, dtype=np.uint8)
@@ -80,23 +78,64 @@ def forward(config, batch_size: int) -> None:
   length = batch['text_tokens'].shape[1]
   batch['text_tokens'] = rng.integers(3, config.model.vocab_size, batch['text_tokens'].shape, dtype=np.int32)
   batch['text_loss_mask'][:, length // 2:] = True
+  return batch
+
+
+def _data_batch(config, workdir):
+  """The first evaluation batch of config.data, training the run's tokenizer first if there is none."""
+  import os
+  from mirasol_jax.data import pipeline
+
+  if not config.data.tokenizer:
+    path = os.path.join(workdir, 'tokenizer.model') if workdir else None
+    config.data.tokenizer = path if path and os.path.exists(path) else train_tokenizer(config, workdir)
+  start = time.perf_counter()
+  batch = next(pipeline.build(config, config.data.eval_split, train=False))
+  print(f'first {config.data.eval_split} batch of {config.data.source} data: {time.perf_counter() - start:.1f}s')
+  return pipeline.model_inputs(batch), pipeline.load_tokenizer(config.data, config.model)
+
+
+def forward(config, batch_size: int, workdir) -> None:
+  """Builds the model and runs it on real data (config.data) or, without data, on a random batch."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from mirasol_jax import decoding
+  from mirasol_jax.data import tokenizer as tokenizer_lib
+  from mirasol_jax.models import mirasol
+
+  model = mirasol.Model(**config.model)
+  if config.data.source == 'demo' or config.data.path:
+    batch, processor = _data_batch(config, workdir)
+  else:
+    batch, processor = _random_batch(config, batch_size), None
 
   start = time.perf_counter()
   variables = jax.jit(model.init)(jax.random.key(config.seed), batch)
   params = {'params': variables['params']}
   print(f'init: {time.perf_counter() - start:.1f}s')
   apply = jax.jit(lambda p, b, r: model.apply(p, b, train=True, rngs={'dropout': r}))
-  out = apply(params, batch, jax.random.key(1))
-  jax.block_until_ready(out)
+  jax.block_until_ready(apply(params, batch, jax.random.key(1)))
   start = time.perf_counter()
   out = jax.block_until_ready(apply(params, batch, jax.random.key(2)))
-  print(f'forward (train mode, compiled): {1e3 * (time.perf_counter() - start):.1f} ms for {batch_size} examples')
+  examples = len(batch['example_mask'])
+  print(f'forward (train mode, compiled): {1e3 * (time.perf_counter() - start):.1f} ms for {examples} examples')
   for key in ('text_logits', 'av_latents'):
     print(f'  {key}: {out[key].shape} {out[key].dtype}')
   print('  losses: ' + ', '.join(f'{k}={float(v):.4f}' for k, v in out['losses'].items()))
-  tokens = jax.jit(lambda p, b: decoding.greedy_decode(model, p, b, max_new_tokens=8, eos_id=2))(params, batch)
-  print(f'greedy decoding (KV cache), first example: {np.asarray(tokens[0]).tolist()}')
-  full = model.apply(params, batch)['av_latents']
+  new_tokens = max(1, min(8, batch['text_tokens'].shape[1] // 2))
+  tokens = jax.jit(lambda p, b: decoding.greedy_decode(model, p, b, new_tokens, tokenizer_lib.EOS_ID))(
+      params, batch)
+  if processor is None:
+    print(f'greedy decoding (KV cache), first example: {np.asarray(tokens[0]).tolist()}')
+  else:
+    prompt_len = np.asarray(decoding.prompt_lengths(batch['text_loss_mask']))
+    print('greedy decoding (KV cache) with the untrained model:')
+    for i in range(min(3, examples)):
+      question = tokenizer_lib.decode(processor, batch['text_tokens'][i, :prompt_len[i]])
+      answer = tokenizer_lib.decode(processor, batch['text_tokens'][i, prompt_len[i]:])
+      print(f'  Q: {question!r}  A: {answer!r}  model: {tokenizer_lib.decode(processor, tokens[i])!r}')
+  full = jax.jit(lambda p, b: model.apply(p, b)['av_latents'])(params, batch)
   streamed = jax.jit(lambda p, b: decoding.stream_latents(model, p, b))(params, batch)
   err = float(jnp.max(jnp.abs(full.astype(jnp.float32) - streamed.astype(jnp.float32))))
   print(f'chunk-by-chunk latents vs full pass: max |diff| = {err:.2e} ({config.model.dtype})')
@@ -115,7 +154,7 @@ def train_tokenizer(config, workdir) -> str:
   texts = [text for i in range(len(source)) for text in tokenizer.text_fields(source[i])]
   if not texts:
     raise ValueError(f'{source!r} has no text to train a tokenizer on')
-  tokenizer.train(texts, config.model.vocab_size, path)
+  tokenizer.train(texts, config.model.vocab_size, path, config.data.tokenizer_type)
   size = tokenizer.load(path).vocab_size()
   print(f'tokenizer: {size} pieces from {len(texts)} texts of {source!r} -> {path}')
   return path
@@ -147,7 +186,7 @@ def main(argv):
     print(param_table(config))
   elif argv[1] == 'forward':
     print(param_table(config))
-    forward(config, _BATCH_SIZE.value)
+    forward(config, _BATCH_SIZE.value, _WORKDIR.value)
   elif argv[1] == 'tokenizer':
     train_tokenizer(config, _WORKDIR.value)
   elif argv[1] == 'convert':

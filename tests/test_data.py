@@ -155,9 +155,12 @@ def test_text_encoding_keeps_the_target_when_truncating(dataset):
   assert tokens[0] == tokenizer.BOS_ID and tokens[-1] == tokenizer.EOS_ID
   np.testing.assert_array_equal(tokens[-1 - len(target):-1], target)
   assert mask.sum() == len(target) + 1 and mask[-1] and not mask[:-1 - len(target)].any()
-  short, short_mask = tokenizer.encode_example(proc, 'how long?', 'half a second', 32)
-  assert short[short_mask.argmax() - 1] != tokenizer.BOS_ID and tokenizer.PAD_ID in short
+  short, short_mask = tokenizer.encode_example(proc, 'how long is it?', 'half a second', 32)
+  start = int(short_mask.argmax())
+  np.testing.assert_array_equal(short[1:start], proc.encode('how long is it?'))  # a prefix that fits stays whole
+  assert tokenizer.decode(proc, short[start:]) == 'half a second' and tokenizer.PAD_ID in short
   assert tokenizer.decode(proc, proc.encode('naïve 🎵') + [tokenizer.EOS_ID, 17]) == 'naïve 🎵'  # byte fallback
+  assert tokenizer.decode(proc, [proc.vocab_size() + 5]) == proc.id_to_piece(tokenizer.UNK_ID).replace('<unk>', ' ⁇ ')
 
 
 def _all_batches(iterator):
