@@ -15,4 +15,11 @@ def get_config(arg=None):
   config = config_lib.base_config('small', arg or 'ttm')
   config.data = config_lib.data_config(source='demo')
   config.batch_size = 8
+  config.total_steps = 600
+  config.lr = 1e-3
+  config.warmup_steps = 50
+  config.log_every_steps = 25
+  config.eval_every_steps = 200
+  config.checkpoint_every_steps = 200
+  config.loss_weights.text = 10.0  # the paper weighs the text loss x10 when fine-tuning
   return config

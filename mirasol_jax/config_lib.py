@@ -83,10 +83,20 @@ def base_config(size: str = 'tiny', combiner: str = 'ttm', frames: int = 0) -> m
   config.eval_every_steps = 1_000
   config.checkpoint_every_steps = 1_000
   config.seed = 0
-  config.optimizer = 'adamw'
+  config.optimizer = 'adamw'  # adamw | adafactor
   config.lr = 1e-4
+  config.warmup_steps = 500
+  config.lr_end_ratio = 0.0  # cosine decay to lr * lr_end_ratio at total_steps
+  config.weight_decay = 0.01  # on matrices only
+  config.grad_clip = 1.0  # global norm; 0 disables
+  config.frozen = ''  # regex of parameter paths that are not trained, e.g. '^video_encoder/'
+  config.microbatches = 1  # gradient accumulation: batch_size examples in this many lax.scan steps
+  config.keep_checkpoints = 3
+  config.eval_max_new_tokens = 8
+  config.peak_tflops = 0.0  # per device, for MFU; 0 measures a matmul on the device instead
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.axis_rules = sharding.DEFAULT_AXIS_RULES
-  config.init_from = ''
+  config.init_from = ''  # a workdir whose latest checkpoint initialises the parameters matching init_from_regex
+  config.init_from_regex = '.*'
   return config
 

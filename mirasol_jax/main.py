@@ -31,7 +31,27 @@ _FORMAT = flags.DEFINE_enum('format', 'array_record', ['array_record', 'tfds'], 
 _OUTPUT = flags.DEFINE_string('output', None, '`convert`: output folder.')
 _NUM_SHARDS = flags.DEFINE_integer('num_shards', 4, '`convert`: ArrayRecord shards per split.')
 
-COMMANDS = ('params', 'forward', 'tokenizer', 'convert')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for several processes '
+                                   '(or $JAX_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run (or $JAX_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (or $JAX_PROCESS_ID).')
+
+COMMANDS = ('train', 'eval', 'params', 'forward', 'tokenizer', 'convert')
+
+
+def initialize_distributed() -> None:
+  """jax.distributed from flags or the usual environment variables; nothing to do for one process."""
+  import os
+  import jax
+
+  address = _COORDINATOR.value or os.environ.get('JAX_COORDINATOR_ADDRESS')
+  count = _NUM_PROCESSES.value or int(os.environ.get('JAX_NUM_PROCESSES', 0) or 0)
+  if not address or count <= 1:
+    return
+  process_id = _PROCESS_ID.value if _PROCESS_ID.value is not None else int(os.environ['JAX_PROCESS_ID'])
+  if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS', '') == 'cpu':
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=process_id)
 
 
 def _format_count(n: float) -> str:
@@ -176,13 +196,22 @@ def convert(config, output: str, output_format: str, num_shards: int) -> None:
 
 
 def main(argv):
+  from absl import logging
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO; --verbosity=0 brings them back
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f'usage: python -m mirasol_jax.main {{{"|".join(COMMANDS)}}} --config=FILE[:ARG]; got '
                          f'{" ".join(argv[1:]) or "no command"}')
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/pretrain.py:size=tiny')
-  if argv[1] == 'params':
+  if argv[1] in ('train', 'eval'):
+    if not _WORKDIR.value:
+      raise app.UsageError(f'{argv[1]} needs --workdir=DIR')
+    initialize_distributed()
+    from mirasol_jax import train
+    train.train_and_evaluate(config, _WORKDIR.value, evaluate_only=argv[1] == 'eval')
+  elif argv[1] == 'params':
     print(param_table(config))
   elif argv[1] == 'forward':
     print(param_table(config))

@@ -73,6 +73,13 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Sequence[tuple[str,
   return nn.logical_to_mesh_sharding(specs, mesh, [tuple(r) for r in rules])
 
 
+def box_values(tree: Any) -> Any:
+  """The values inside flax partitioning boxes, without the sharding constraint `nn.unbox` applies (which
+  abstract ShapeDtypeStruct trees cannot take)."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over data and fsdp, the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

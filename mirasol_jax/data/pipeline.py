@@ -211,6 +211,12 @@ class BatchIterator:
   def set_state(self, state: bytes) -> None:
     self._iterator.set_state(state)
 
+  def start_prefetch(self) -> None:
+    """Called by grain's checkpoint handler after a restore."""
+    start = getattr(self._iterator, 'start_prefetch', None)
+    if start is not None:
+      start()
+
 
 def per_process_batch_size(config, process_count: int) -> int:
   if config.batch_size % process_count:

@@ -1,0 +1,83 @@
+"""Metric writers (TensorBoard events and metrics.jsonl, contract 4), throughput and MFU."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Writer:
+  """Writes scalars to workdir/metrics.jsonl (one flat JSON object a line) and TensorBoard event files.
+
+  Only process 0 writes. A resumed run appends, first dropping lines of steps after the restored step, so that the
+  file never holds two values for one step.
+  """
+
+  def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
+    self._enabled = enabled
+    self._jsonl = os.path.join(workdir, 'metrics.jsonl')
+    self._tb = None
+    if not enabled:
+      return
+    if os.path.exists(self._jsonl):
+      with open(self._jsonl) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
+      with open(self._jsonl, 'w') as f:
+        f.writelines(kept)
+    from tensorboardX import SummaryWriter
+    self._tb = SummaryWriter(workdir, flush_secs=10)
+
+  def write(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self._enabled:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    with open(self._jsonl, 'a') as f:
+      f.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    for key, value in scalars.items():
+      self._tb.add_scalar(key, value, step)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def matmul_peak_flops(device: Optional[jax.Device] = None, size: int = 1024, dtype=jnp.float32,
+                      repeats: int = 5) -> float:
+  """FLOP/s of a square matmul on one device: a stand-in for the peak when config.peak_tflops is not set."""
+  device = device or jax.devices()[0]
+  a = jax.device_put(jnp.ones((size, size), dtype), device)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = f(a)
+  out.block_until_ready()
+  return repeats * 2 * size ** 3 / (time.perf_counter() - start)
+
+
+class Throughput:
+  """Examples/s, TFLOP/s per device and MFU over the steps since the last report."""
+
+  def __init__(self, flops_per_example: float, num_devices: int, peak_flops_per_device: float):
+    self._flops, self._devices, self._peak = flops_per_example, num_devices, peak_flops_per_device
+    self._start, self._examples = time.perf_counter(), 0
+
+  def add(self, examples: int) -> None:
+    self._examples += examples
+
+  def report(self) -> dict[str, float]:
+    seconds = max(time.perf_counter() - self._start, 1e-9)
+    examples_per_sec = self._examples / seconds
+    tflops = examples_per_sec * self._flops / self._devices / 1e12
+    self._start, self._examples = time.perf_counter(), 0
+    return {'perf/examples_per_sec': examples_per_sec, 'perf/tflops_per_device': tflops,
+            'perf/mfu': tflops * 1e12 / self._peak}
+
+
+def finite(scalars: Mapping[str, float]) -> bool:
+  return all(np.isfinite(v) for v in scalars.values())

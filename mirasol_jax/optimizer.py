@@ -1,0 +1,59 @@
+"""The optimizer from config: AdamW or Adafactor, linear warm-up then cosine decay, global-norm clipping,
+weight decay on matrices only, and frozen parameters by regex on their path."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+
+def schedule(config) -> optax.Schedule:
+  warmup = int(config.get('warmup_steps', 0))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0 if warmup else config.lr, peak_value=config.lr, warmup_steps=warmup,
+      decay_steps=max(config.total_steps, warmup + 1), end_value=config.lr * config.get('lr_end_ratio', 0.0))
+
+
+def path_names(params: Any) -> Any:
+  """The same tree with each leaf replaced by its '/'-joined path, e.g. 'text_decoder/embed/embedding'.
+
+  A flax partitioning box counts as one leaf, so this tree is a prefix of boxed params; callers map over it first.
+  """
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+  return flax.traverse_util.unflatten_dict({k: k for k in flat}, sep='/')
+
+
+def decay_mask(params: Any) -> Any:
+  """Weight decay on matrices and kernels (ndim >= 2, scanned layers included), not on biases, norms, embeddings
+  of positions or single tokens."""
+  return jax.tree.map(lambda name, p: np.ndim(nn.unbox(p)) >= 2 and not name.endswith(('bias', 'scale')),
+                      path_names(params), params)
+
+
+def frozen_labels(params: Any, frozen_regex: str) -> Any:
+  pattern = re.compile(frozen_regex) if frozen_regex else None
+  return jax.tree.map(lambda name: 'frozen' if pattern and pattern.search(name) else 'train', path_names(params))
+
+
+def make(config) -> optax.GradientTransformation:
+  """config.optimizer (adamw | adafactor), config.lr with warm-up and cosine decay, config.grad_clip,
+  config.weight_decay, config.frozen (regex of parameter paths that never change)."""
+  lr = schedule(config)
+  if config.optimizer == 'adamw':
+    inner = optax.adamw(lr, b1=config.get('b1', 0.9), b2=config.get('b2', 0.999),
+                        weight_decay=config.get('weight_decay', 0.0), mask=decay_mask)
+  elif config.optimizer == 'adafactor':
+    inner = optax.adafactor(lr, weight_decay_rate=config.get('weight_decay', 0.0) or None,
+                            weight_decay_mask=decay_mask)
+  else:
+    raise ValueError(f'config.optimizer={config.optimizer!r} is not adamw or adafactor')
+  tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), inner) if config.get('grad_clip') else inner
+  if config.get('frozen'):
+    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
+                               lambda params: frozen_labels(params, config.frozen))
+  return tx
