@@ -80,7 +80,7 @@ def base_config(size: str = 'tiny', combiner: str = 'ttm', frames: int = 0) -> m
   config.batch_size = 8
   config.total_steps = 10_000
   config.log_every_steps = 50
-  config.eval_every_steps = 1_000
+  config.eval_every_steps = 1_000  # and at the last step; 0 never evaluates
   config.checkpoint_every_steps = 1_000
   config.seed = 0
   config.optimizer = 'adamw'  # adamw | adafactor

@@ -49,8 +49,8 @@ def initialize_distributed() -> None:
   if not address or count <= 1:
     return
   process_id = _PROCESS_ID.value if _PROCESS_ID.value is not None else int(os.environ['JAX_PROCESS_ID'])
-  if jax.default_backend() == 'cpu' or os.environ.get('JAX_PLATFORMS', '') == 'cpu':
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # Collectives between CPU processes (tests, CPU clusters); accelerators use their own. Must precede any backend.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(coordinator_address=address, num_processes=count, process_id=process_id)
 
 

@@ -192,10 +192,17 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
     answers = decoding.greedy_decode(model, {'params': params}, batch, max_new_tokens, tokenizer_lib.EOS_ID)
     return out['losses'], answers
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled_eval = jax.jit(eval_step, in_shardings=(state_shardings['params'], batch_sharding),
-                            out_shardings=(replicated, batch_sharding)).lower(
-                                abstract['params'], batch_shapes).compile()
+  compiled_eval_cache = []
+
+  def compiled_eval(params, batch):
+    """Compiled on first use, so that runs that never evaluate never pay for it."""
+    if not compiled_eval_cache:
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        compiled_eval_cache.append(jax.jit(
+            eval_step, in_shardings=(state_shardings['params'], batch_sharding),
+            out_shardings=(replicated, batch_sharding)).lower(abstract['params'], batch_shapes).compile())
+    return compiled_eval_cache[0](params, batch)
+
   eval_source = sources.open_source(config.data, config.data.eval_split)
 
   def evaluate(params, step: int) -> dict[str, float]:
@@ -257,6 +264,7 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
     """Fetches a finished step's metrics, stops on a non-finite loss, logs every log_every_steps."""
     step, device_metrics = pending
     scalars = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    throughput.add(config.batch_size)
     if not metrics_lib.finite(scalars):
       terms = ', '.join(f'{k}={v}' for k, v in scalars.items() if k.startswith('train/loss'))
       raise NonFiniteLossError(f'non-finite loss at step {step}: {terms}. The last checkpoint (step '
@@ -284,7 +292,6 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
                         skipped)
       batch = pipeline.to_global(pipeline.model_inputs(host_batch), batch_sharding)
       state, step_metrics = compiled_step(state, batch)
-      throughput.add(config.batch_size)
       if pending is not None:
         settle(pending)
       pending = (step, step_metrics)
@@ -296,7 +303,7 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
       if preempted['signal'] is not None:
         _log(f'step {step}: signal {preempted["signal"]} received; checkpoint saved, stopping')
         break
-      if step % config.eval_every_steps == 0 or step == config.total_steps:
+      if config.eval_every_steps > 0 and (step % config.eval_every_steps == 0 or step == config.total_steps):
         if pending is not None:
           settle(pending)
           pending = None

@@ -1,6 +1,7 @@
 """The grain input pipeline: raw records -> decoded, chunked, tokenised contract-2 batches, per process.
 
-  source (jsonl | array_record | tfds) -> IndexSampler (seeded shuffle, repeat, this process's shard)
+  source (jsonl | array_record | tfds) -> GlobalBatchSlices (seeded shuffle, repeat, this process's slice of
+    every global batch)
     -> DecodeExample in `config.data.num_workers` worker processes (PyAV frames + log-mel + SentencePiece)
     -> Batch (config.batch_size / process_count examples)
 
@@ -38,6 +39,12 @@ class DecodeExample(grain.transforms.RandomMap):
     self._data = dict(data_config)
     self._train = train
     self._tokenizer = None  # loaded lazily, in the worker process
+
+  def blank_example(self) -> dict[str, np.ndarray]:
+    """A masked example of the config's shapes: what a skipped example becomes."""
+    example = self._blank()
+    example['index'] = np.array(-1, np.int64)
+    return example
 
   def _blank(self) -> dict[str, np.ndarray]:
     m = self._model
@@ -143,30 +150,52 @@ def _crop(frames: np.ndarray, height: int, width: int, rng: Optional[np.random.G
   return np.ascontiguousarray(frames)
 
 
-class _ProcessShard(grain.sources.RandomAccessDataSource):
-  """Records process_index, process_index + process_count, ... of a source, each tagged with its position.
+class _WithIndex(grain.sources.RandomAccessDataSource):
+  """Tags each record with its position in the source, so that a batch can name its examples."""
 
-  Interleaved, so that the shards of any number of processes are disjoint and together hold every record (grain's
-  contiguous ShardOptions drops records when they do not divide).
-  """
-
-  def __init__(self, source, process_index: int, process_count: int):
-    if not 0 <= process_index < process_count:
-      raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count})')
-    self._source, self._offset, self._stride = source, process_index, process_count
-    self._len = max(0, -(-(len(source) - process_index) // process_count))
+  def __init__(self, source):
+    self._source = source
 
   def __len__(self):
-    return self._len
+    return len(self._source)
 
   def __getitem__(self, index):
-    position = self._offset + int(index) * self._stride
-    record = self._source[position]
-    record['_index'] = position
+    record = self._source[index]
+    record['_index'] = int(index)
     return record
 
   def __repr__(self):
-    return f'_ProcessShard({self._source!r}, {self._offset} of {self._stride})'
+    return f'_WithIndex({self._source!r})'
+
+
+class GlobalBatchSlices:
+  """A grain sampler giving this process its slice of every global batch.
+
+  All processes compute the same global order (grain's IndexSampler: seeded shuffle, a new order each epoch);
+  global batch i holds positions [i*B, (i+1)*B) of it, and process p reads positions p*b .. p*b + b - 1 of each,
+  b = B / process_count. Batches are therefore the same whatever the number of processes (a run can move to more
+  or fewer hosts), each process decodes only its share, and one epoch's slices are disjoint and cover every
+  record once. Random augmentation draws come from the global position, so they do not depend on the split either.
+  """
+
+  def __init__(self, num_records: int, global_batch: int, process_index: int, process_count: int, shuffle: bool,
+               num_epochs: Optional[int], seed: int):
+    self._inner = grain.samplers.IndexSampler(num_records, shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+    self._num_records, self._num_epochs = num_records, num_epochs
+    self._global, self._local = global_batch, global_batch // process_count
+    self._process_index = process_index
+
+  def __getitem__(self, index: int) -> grain.RecordMetadata:
+    batch, offset = divmod(index, self._local)
+    position = batch * self._global + self._process_index * self._local + offset
+    if self._num_epochs is not None and position >= self._num_records * self._num_epochs:
+      raise IndexError(index)
+    inner = self._inner[position]
+    return grain.RecordMetadata(index=index, record_key=inner.record_key, rng=inner.rng)
+
+  def __repr__(self) -> str:  # part of the iterator state grain checks on restore: no addresses
+    return (f'GlobalBatchSlices({self._inner!r}, global_batch={self._global}, local_batch={self._local}, '
+            f'process_index={self._process_index})')
 
 
 def _collate(examples, batch_size: int) -> dict[str, np.ndarray]:
@@ -226,45 +255,47 @@ def per_process_batch_size(config, process_count: int) -> int:
 
 def build(config, split: str, process_index: int = 0, process_count: int = 1, train: Optional[bool] = None,
           num_epochs: Optional[int] = None) -> BatchIterator:
-  """An iterator of this process's contract-2 numpy batches, with get_state / set_state.
+  """An iterator of this process's slice of every global batch (contract-2 numpy arrays), with get_state /
+  set_state.
 
   `train` defaults to split == 'train': shuffled with a new order every epoch, repeated forever, random crops,
-  flips and frame jitter. Otherwise one ordered pass with the last batch padded. Process p reads only records
-  p, p + process_count, ... of the source.
+  flips and frame jitter. Otherwise one ordered pass, the last batch padded with masked examples.
   """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count})')
   train = (split == 'train') if train is None else train
   data = config.data
-  source = _ProcessShard(sources.open_source(data, split), process_index, process_count)
+  source = _WithIndex(sources.open_source(data, split))
   batch_size = per_process_batch_size(config, process_count)
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shuffle=train,
-      num_epochs=num_epochs if num_epochs is not None else (None if train else 1), seed=config.seed)
+  epochs = num_epochs if num_epochs is not None else (None if train else 1)
+  sampler = GlobalBatchSlices(len(source), config.batch_size, process_index, process_count, shuffle=train,
+                              num_epochs=epochs, seed=config.seed)
   loader = grain.DataLoader(
       data_source=source, sampler=sampler, operations=[DecodeExample(config.model, data, train)],
-      worker_count=int(data.get('num_workers', 0)), worker_buffer_size=2,
+      worker_count=int(data.get('num_workers', 0)), worker_buffer_size=2, shard_options=grain.sharding.NoSharding(),
       read_options=grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * batch_size))
   return BatchIterator(loader, batch_size, drop_remainder=train)
 
 
-def num_eval_batches(config, split: str, process_count: int) -> int:
-  """Batches every process runs on `split`, so that all processes take the same number of steps."""
-  records = len(sources.open_source(config.data, split))
-  largest_shard = -(-records // process_count)
-  return -(-largest_shard // per_process_batch_size(config, process_count))
+def num_eval_batches(config, split: str) -> int:
+  """Evaluation steps on `split`: the same for every process, whatever their number."""
+  return -(-len(sources.open_source(config.data, split)) // config.batch_size)
 
 
 def eval_batches(config, split: str, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-  """Exactly num_eval_batches batches; a process whose shard runs out first yields fully masked batches."""
-  total = num_eval_batches(config, split, process_count)
+  """Exactly num_eval_batches batches; a process whose slice of the last global batch is empty gets a fully masked
+  batch."""
   iterator = build(config, split, process_index, process_count, train=False)
-  last = None
-  for _ in range(total):
+  blank = None
+  for _ in range(num_eval_batches(config, split)):
     batch = next(iterator, None)
     if batch is None:
-      batch = {k: v.copy() for k, v in last.items()}
-      batch['example_mask'][:] = False
-      batch['index'][:] = -1
-    last = batch
+      if blank is None:
+        blank = _collate([DecodeExample(config.model, config.data, False).blank_example()],
+                         per_process_batch_size(config, process_count))
+        blank['example_mask'][:] = False
+        blank['index'][:] = -1
+      batch = blank
     yield batch
 
 
