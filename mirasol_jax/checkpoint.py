@@ -48,16 +48,21 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, iterato
   return restored['state']
 
 
-def load_params(path: str, target_params: Any, regex: str, step: Optional[int] = None) -> tuple[Any, list[str]]:
-  """Parameters of another run's checkpoint (its workdir or its checkpoints folder) whose paths match `regex`,
-  copied into `target_params`; returns the new params and the paths loaded. Shapes must agree."""
+def read_params(path: str, step: Optional[int] = None) -> Any:
+  """The parameters of a run's checkpoint (its workdir or its checkpoints folder; the latest step by default)."""
   folder = path if os.path.basename(os.path.normpath(path)) == 'checkpoints' else os.path.join(path, 'checkpoints')
   with ocp.CheckpointManager(folder, item_names=('state', 'data', 'config')) as source:
     step = source.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f'config.init_from={path!r} holds no checkpoint')
+      raise FileNotFoundError(f'{path!r} holds no checkpoint')
     restored = source.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  loaded = flax.traverse_util.flatten_dict(restored['state']['params'], sep='/')
+  return restored['state']['params']
+
+
+def load_params(path: str, target_params: Any, regex: str, step: Optional[int] = None) -> tuple[Any, list[str]]:
+  """Parameters of another run's checkpoint whose paths match `regex`, copied into `target_params` (keeping their
+  shardings); returns the new params and the paths loaded. Shapes must agree."""
+  loaded = flax.traverse_util.flatten_dict(read_params(path, step), sep='/')
   target = flax.traverse_util.flatten_dict(target_params, sep='/')
   pattern = re.compile(regex)
   names = sorted(name for name in target if pattern.search(name) and name in loaded)

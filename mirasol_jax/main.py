@@ -40,13 +40,18 @@ COMMANDS = ('train', 'eval', 'params', 'forward', 'tokenizer', 'convert')
 
 
 def initialize_distributed() -> None:
-  """jax.distributed from flags or the usual environment variables; nothing to do for one process."""
+  """jax.distributed from flags or the usual environment variables, or found by JAX on a SLURM job or TPU pod of
+  several processes; nothing to do for one process."""
   import os
   import jax
 
   address = _COORDINATOR.value or os.environ.get('JAX_COORDINATOR_ADDRESS')
   count = _NUM_PROCESSES.value or int(os.environ.get('JAX_NUM_PROCESSES', 0) or 0)
   if not address or count <= 1:
+    slurm_tasks = int(os.environ.get('SLURM_NTASKS', 1) or 1)
+    tpu_hosts = len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h])
+    if slurm_tasks > 1 or tpu_hosts > 1:
+      jax.distributed.initialize()  # JAX reads the cluster's environment
     return
   process_id = _PROCESS_ID.value if _PROCESS_ID.value is not None else int(os.environ['JAX_PROCESS_ID'])
   # Collectives between CPU processes (tests, CPU clusters); accelerators use their own. Must precede any backend.
@@ -161,6 +166,35 @@ def forward(config, batch_size: int, workdir) -> None:
   print(f'chunk-by-chunk latents vs full pass: max |diff| = {err:.2e} ({config.model.dtype})')
 
 
+def summarize(config, workdir: str, result, seconds: float) -> None:
+  """Process 0 prints the final accuracy beside the majority-answer baseline, and a few answered questions."""
+  import glob
+  import json
+  import os
+  import jax
+  from mirasol_jax.data import sources
+  from mirasol_jax.data import tokenizer
+  from mirasol_jax.evaluators import vqa
+
+  if jax.process_index() != 0:
+    return
+  split = config.data.eval_split
+  answers = lambda s: [tokenizer.target_text(s[i]) or '' for i in range(len(s))]
+  best, baseline = vqa.majority_baseline(answers(sources.open_source(config.data, config.data.train_split)),
+                                         answers(sources.open_source(config.data, split)))
+  print(f'\n{split} accuracy {100 * result[f"eval/{split}/accuracy"]:.1f}% on '
+        f'{int(result[f"eval/{split}/examples"])} examples; majority-answer baseline (always "{best}") '
+        f'{100 * baseline:.1f}%; {seconds / 60:.1f} min')
+  files = sorted(glob.glob(os.path.join(workdir, 'predictions', f'{split}_*.jsonl')),
+                 key=lambda f: int(f.rsplit('_', 1)[1].split('.')[0]))
+  if files:
+    with open(files[-1]) as f:
+      predictions = [json.loads(line) for line in f]
+    for p in predictions[:6]:
+      mark = 'right' if vqa.exact_match(p['prediction'], p['answer']) else 'wrong'
+      print(f'  {p["question"]!r} -> {p["prediction"]!r} ({mark}; answer {p["answer"]!r})')
+
+
 def train_tokenizer(config, workdir) -> str:
   """Trains the run's tokenizer on the training split's text; returns its path."""
   import os
@@ -210,7 +244,10 @@ def main(argv):
       raise app.UsageError(f'{argv[1]} needs --workdir=DIR')
     initialize_distributed()
     from mirasol_jax import train
-    train.train_and_evaluate(config, _WORKDIR.value, evaluate_only=argv[1] == 'eval')
+    start = time.perf_counter()
+    result = train.train_and_evaluate(config, _WORKDIR.value, evaluate_only=argv[1] == 'eval')
+    if result:
+      summarize(config, _WORKDIR.value, result, time.perf_counter() - start)
   elif argv[1] == 'params':
     print(param_table(config))
   elif argv[1] == 'forward':

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -255,7 +256,7 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
   throughput = metrics_lib.Throughput(flops.count(config.model)['train']['total'], jax.device_count(), peak)
   preempted = {'signal': None}
   previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.update(signal=signum))
-  history: dict[str, list[float]] = {}
+  history: dict[str, clu_metrics.Average] = {}  # per-step scalars averaged over each logging interval
   last_eval: dict[str, float] = {}
   pending: Optional[tuple[int, Any]] = None
   started = time.perf_counter()
@@ -270,9 +271,10 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
       raise NonFiniteLossError(f'non-finite loss at step {step}: {terms}. The last checkpoint (step '
                                f'{mngr.latest_step()}) is intact; lower config.lr or check the data.')
     for key, value in scalars.items():
-      history.setdefault(key, []).append(value)
+      average = clu_metrics.Average.from_model_output(jnp.asarray(value))
+      history[key] = history[key].merge(average) if key in history else average
     if step % config.log_every_steps == 0 or step == config.total_steps:
-      logged = {k: float(np.mean(v)) for k, v in history.items()}
+      logged = {k: float(v.compute()) for k, v in history.items()}
       history.clear()
       logged.update(throughput.report())
       writer.write(step, logged)

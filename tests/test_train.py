@@ -33,10 +33,16 @@ def _command(repo, data, workdir, *extra):
           f'--config.data.path={data}', *extra]
 
 
+_CACHE = os.path.join(os.environ.get('TMPDIR', '/tmp'), f'mirasol_test_jax_cache_{os.getuid()}')
+
+
 def _env(devices=1):
   env = dict(os.environ)
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   env['JAX_PLATFORMS'] = 'cpu'
+  # Runs of the same program (the reference, the killed and the resumed run) compile it once.
+  env['JAX_COMPILATION_CACHE_DIR'] = _CACHE
+  env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   return env
 
 
@@ -68,22 +74,49 @@ def _losses(workdir):
   return {line['step']: line['train/loss'] for line in lines if 'train/loss' in line}
 
 
-def test_a_run_killed_with_sigkill_resumes_bit_identically(repo, data, reference, tmp_path):
-  killed = str(tmp_path / 'killed')
-  process = subprocess.Popen(_command(repo, data, killed, *STEPS), cwd=repo, env=_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
+def _start_and_stop(repo, data, workdir, stop_signal, after_step):
+  """Starts the 6-step run and sends stop_signal once step `after_step` is logged; returns the exit code."""
+  started = time.time()
+  process = subprocess.Popen(_command(repo, data, workdir, *STEPS), cwd=repo, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  deadline = started + 300
   while time.time() < deadline and process.poll() is None:
-    if os.path.exists(os.path.join(killed, 'metrics.jsonl')) and max(_losses(killed), default=0) >= 4:
-      break  # past the checkpoint of step 3, in the middle of the run
+    # Written by this process (a resumed run first rewrites the file), and far enough.
+    if os.path.exists(metrics) and os.path.getmtime(metrics) > started and max(_losses(workdir)) >= after_step:
+      break
     time.sleep(0.02)
-  assert process.poll() is None, 'the run ended before it could be killed'
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  assert max(_losses(killed)) < 6
-  result = _run(repo, data, killed, *STEPS)
+  assert process.poll() is None, 'the run ended before it could be stopped'
+  process.send_signal(stop_signal)
+  out, _ = process.communicate(timeout=300)
+  return process.returncode, out
+
+
+def test_runs_stopped_by_sigkill_and_sigterm_resume_bit_identically(repo, data, reference, tmp_path):
+  workdir = str(tmp_path / 'stopped')
+  code, _ = _start_and_stop(repo, data, workdir, signal.SIGKILL, after_step=4)  # past the checkpoint of step 3
+  assert code == -signal.SIGKILL and max(_losses(workdir)) < 6
+  assert os.listdir(os.path.join(workdir, 'checkpoints'))
+  # Preemption: SIGTERM saves a checkpoint at the current step and exits cleanly.
+  code, out = _start_and_stop(repo, data, workdir, signal.SIGTERM, after_step=4)
+  assert code == 0 and 'signal 15 received; checkpoint saved' in out, out[-2000:]
+  result = _run(repo, data, workdir, *STEPS)
   assert 'resumed from' in result.stdout
-  assert _losses(killed) == reference['losses']  # every step's loss, bit for bit
+  assert _losses(workdir) == reference['losses']  # every step's loss, bit for bit
+
+
+def test_init_from_loads_the_selected_parameters(repo, data, reference, tmp_path):
+  import jax
+  from mirasol_jax import checkpoint
+  workdir = str(tmp_path / 'finetune')
+  result = _run(repo, data, workdir, '--config.total_steps=1', '--config.checkpoint_every_steps=1',
+                '--config.lr=0.0', '--config.warmup_steps=0', f'--config.init_from={reference["workdir"]}',
+                '--config.init_from_regex=^text_decoder/')
+  assert 'initialised' in result.stdout
+  source, tuned = checkpoint.read_params(reference['workdir']), checkpoint.read_params(workdir)
+  for name in ('text_decoder', 'video_encoder'):
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(source[name]), jax.tree.leaves(tuned[name])))
+    assert same == (name == 'text_decoder'), name  # lr 0: loaded parameters stay, the others are fresh
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(repo, data, reference, tmp_path):

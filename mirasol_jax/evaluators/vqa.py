@@ -16,3 +16,14 @@ def normalize(text: str) -> str:
 
 def exact_match(prediction: str, answer: str) -> bool:
   return normalize(prediction) == normalize(answer)
+
+
+def majority_baseline(train_answers, eval_answers) -> tuple[str, float]:
+  """The most common (normalised) training answer and its exact-match accuracy on the evaluation answers."""
+  import collections
+  counts = collections.Counter(normalize(a) for a in train_answers)
+  if not counts:
+    return '', 0.0
+  best = counts.most_common(1)[0][0]
+  eval_answers = [normalize(a) for a in eval_answers]
+  return best, sum(a == best for a in eval_answers) / max(len(eval_answers), 1)

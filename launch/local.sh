@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# N processes of one run on this machine, joined by jax.distributed (how multi-host is tested without hosts).
+#   launch/local.sh 2 train --config=configs/demo.py --workdir=/tmp/mirasol_2p
+# Each process sees its own devices (on CPU: one, or --xla_force_host_platform_device_count in XLA_FLAGS).
+set -euo pipefail
+count=$1; shift
+port=${MIRASOL_PORT:-$((20000 + RANDOM % 20000))}
+pids=()
+for ((i = 0; i < count; i++)); do
+  python -m mirasol_jax.main "$@" --coordinator_address="localhost:${port}" --num_processes="${count}" \
+    --process_id="${i}" &
+  pids+=($!)
+done
+status=0
+for pid in "${pids[@]}"; do wait "${pid}" || status=$?; done
+exit "${status}"

@@ -1,0 +1,39 @@
+"""VQA scoring: normalisation, exact match and the majority-answer baseline; the optimizer's masks."""
+import numpy as np
+import optax
+
+from mirasol_jax import optimizer
+from mirasol_jax.evaluators import vqa
+
+
+def test_normalisation_ignores_case_punctuation_articles_and_spacing():
+  assert vqa.normalize('  The Red   Square! ') == 'red square'
+  assert vqa.exact_match('an apple', 'Apple.')
+  assert not vqa.exact_match('red', 'green')
+  assert not vqa.exact_match('theatre', 'atre')  # articles only as whole words
+
+
+def test_majority_baseline():
+  best, accuracy = vqa.majority_baseline(['left', 'Left', 'right'], ['left', 'right', 'right', 'left'])
+  assert best == 'left' and accuracy == 0.5
+
+
+def test_weight_decay_mask_and_frozen_parameters():
+  params = {'encoder': {'dense': {'kernel': np.ones((2, 3)), 'bias': np.ones(3)}, 'ln': {'scale': np.ones(3)}},
+            'head': {'kernel': np.ones((3, 2))}}
+  mask = optimizer.decay_mask(params)
+  assert mask['encoder']['dense']['kernel'] and not mask['encoder']['dense']['bias']
+  assert not mask['encoder']['ln']['scale'] and mask['head']['kernel']
+
+  class Config(dict):
+    __getattr__ = dict.__getitem__
+
+  config = Config(optimizer='adamw', lr=0.1, total_steps=10, warmup_steps=0, grad_clip=1.0, weight_decay=0.1,
+                  frozen='^encoder/')
+  tx = optimizer.make(config)
+  grads = {'encoder': {'dense': {'kernel': np.ones((2, 3)), 'bias': np.ones(3)}, 'ln': {'scale': np.ones(3)}},
+           'head': {'kernel': np.ones((3, 2))}}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(new['encoder']['dense']['kernel'], params['encoder']['dense']['kernel'])
+  assert np.all(new['head']['kernel'] < 1.0)
