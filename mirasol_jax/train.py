@@ -123,30 +123,33 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
         lambda s: replicated if s is None else s,
         sharding.logical_shardings(boxed, mesh, rules), is_leaf=lambda x: x is None)
     abstract = checkpoint.abstract_with_shardings(sharding.box_values(boxed), state_shardings)
-    state = jax.jit(lambda rng: nn.unbox(init_state(rng)), out_shardings=state_shardings)(
-        jax.random.PRNGKey(config.seed))
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
   _log(f'model: {num_params:,} parameters')
 
   # ---------------------------------------------------------------------------------------------------------------
-  # Restore: this workdir's latest checkpoint, else selected parameters of another run, else scratch.
+  # Restore: this workdir's latest checkpoint, else a sharded init (with selected parameters of another run).
   mngr = checkpoint.manager(workdir, config.get('keep_checkpoints', 3))
   latest = mngr.latest_step()
   if latest is not None:
     state = checkpoint.restore(mngr, latest, abstract, train_iter)
     _log(f'resumed from {workdir}/checkpoints/{latest}')
-  elif config.init_from:
-    params, names = checkpoint.load_params(config.init_from, state['params'], config.get('init_from_regex', '.*'))
-    state['params'] = params
-    _log(f'initialised {len(names)} parameter arrays from {config.init_from}')
+  else:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      state = jax.jit(lambda rng: nn.unbox(init_state(rng)), out_shardings=state_shardings)(
+          jax.random.PRNGKey(config.seed))
+    if config.init_from:
+      params, names = checkpoint.load_params(config.init_from, state['params'],
+                                             config.get('init_from_regex', '.*'))
+      state['params'] = params
+      _log(f'initialised {len(names)} parameter arrays from {config.init_from}')
   start_step = int(state['step'])
 
   # ---------------------------------------------------------------------------------------------------------------
   # The compiled train step: donated state, micro-batches accumulated with lax.scan.
   microbatches = config.get('microbatches', 1)
 
-  def loss_fn(params, batch, rng):
-    out = model.apply({'params': params}, batch, train=True, rngs={'dropout': rng})
+  def loss_fn(params, batch, rng, denominators=None):
+    out = model.apply({'params': params}, batch, train=True, denominators=denominators, rngs={'dropout': rng})
     return out['losses']['total'], out['losses']
 
   def train_step(state, batch):
@@ -155,22 +158,28 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
     if microbatches == 1:
       (_, terms), grads = grad_fn(state['params'], batch, step_rng)
     else:
+      # Every micro-batch divides by the whole batch's denominators, so the sum of their losses and gradients is
+      # exactly the whole batch's, whatever the masks.
+      denominators = mirasol.loss_denominators(batch, config.model.num_chunks, config.model.tokens_per_chunk)
+
       def accumulate(carry, micro):
         index, sub = micro
-        (_, sub_terms), sub_grads = grad_fn(state['params'], sub, jax.random.fold_in(step_rng, index))
+        (_, sub_terms), sub_grads = grad_fn(state['params'], sub, jax.random.fold_in(step_rng, index), denominators)
         return jax.tree.map(jnp.add, carry, (sub_grads, sub_terms)), None
       micro = _split_microbatches(batch, microbatches)
-      terms_shape = jax.eval_shape(lambda: loss_fn(state['params'], jax.tree.map(lambda x: x[0], micro), step_rng)[1])
+      terms_shape = jax.eval_shape(
+          lambda: loss_fn(state['params'], jax.tree.map(lambda x: x[0], micro), step_rng, denominators)[1])
       zeros = (jax.tree.map(jnp.zeros_like, state['params']),
                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), terms_shape))
       (grads, terms), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), micro))
-      grads, terms = jax.tree.map(lambda x: x / microbatches, (grads, terms))
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
                  'opt_state': opt_state, 'rng': rng}
     step_metrics = {('train/loss' if k == 'total' else f'train/loss_{k}'): v for k, v in terms.items()}
     step_metrics['train/grad_norm'] = optax.global_norm(grads)
     step_metrics['train/lr'] = optimizer.schedule(config)(state['step'])
+    # Training batches have no padding: a masked example is one that could not be read.
+    step_metrics['data/skipped_examples'] = jnp.sum(~batch['example_mask'])
     return new_state, step_metrics
 
   batch_shapes = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
@@ -290,8 +299,8 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
       host_batch = next(train_iter)
       skipped = int(host_batch['skipped'].sum())
       if skipped:
-        logging.warning('step %d: %d examples of this batch could not be read (see the warnings above)', step,
-                        skipped)
+        logging.warning('step %d: %d examples of this process\'s batch could not be read (see the warnings above; '
+                        'data/skipped_examples in metrics.jsonl averages them per step)', step, skipped)
       batch = pipeline.to_global(pipeline.model_inputs(host_batch), batch_sharding)
       state, step_metrics = compiled_step(state, batch)
       if pending is not None:

@@ -272,3 +272,16 @@ def test_masking_and_dropout_are_random_in_training_only():
   assert not np.allclose(train(1)['av_latents'], train(2)['av_latents'])
   evaluate = jax.jit(lambda v: model.apply(v, batch)['av_latents'])
   np.testing.assert_array_equal(evaluate(variables), evaluate(variables))
+
+
+def test_micro_batch_losses_with_global_denominators_add_up_to_the_whole_batch():
+  config, model, params, batch = _setup('transformer')
+  uneven = {k: v.copy() for k, v in batch.items()}
+  uneven['example_mask'][1] = False  # an unreadable example: the two halves have different normalisers
+  uneven['text_loss_mask'][0, 3:] = True
+  whole = jax.jit(lambda p, b: model.apply(p, b)['losses'])(params, uneven)
+  denominators = mirasol.loss_denominators(uneven, config.model.num_chunks, config.model.tokens_per_chunk)
+  half = jax.jit(lambda p, b: model.apply(p, b, denominators=denominators)['losses'])
+  parts = [half(params, {k: v[i:i + 1] for k, v in uneven.items()}) for i in range(2)]
+  for key in whole:
+    np.testing.assert_allclose(parts[0][key] + parts[1][key], whole[key], rtol=1e-5, err_msg=key)

@@ -23,8 +23,11 @@ TINY = [
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
+  """A small demo dataset whose training split also names a file that does not exist."""
   folder = str(tmp_path_factory.mktemp('demo') / 'data')
   demo_data.generate(folder, num_train=12, num_validation=4)
+  with open(os.path.join(folder, 'train.jsonl'), 'a') as f:
+    f.write(json.dumps(dict(id='lost', video='videos/lost.mp4', question='where is it?', answer='gone')) + '\n')
   return folder
 
 
@@ -62,9 +65,13 @@ def reference(repo, data, tmp_path_factory):
   """An uninterrupted 6-step run on one device: its per-step losses, which every other run is compared with, and
   its workdir (checkpoints of steps 3 and 6)."""
   workdir = str(tmp_path_factory.mktemp('reference'))
-  _run(repo, data, workdir, *STEPS)
+  result = _run(repo, data, workdir, *STEPS)
   losses = _losses(workdir)
   assert sorted(losses) == list(range(1, 7))
+  # 24 examples drawn from 13 records: the missing file comes up, is logged and counted, and the run goes on.
+  assert 'lost.mp4: file does not exist' in result.stderr
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    assert sum(json.loads(line).get('data/skipped_examples', 0) for line in f) >= 1
   return {'losses': losses, 'workdir': workdir}
 
 

@@ -133,9 +133,27 @@ def example_batch(config, batch_size: int) -> dict[str, np.ndarray]:
   return batch
 
 
-def _masked_mean(values: Array, weights: Array) -> Array:
+def _masked_mean(values: Array, weights: Array, denominator: Optional[Array] = None) -> Array:
+  """sum(values * weights) / denominator, the denominator being sum(weights) unless given."""
   weights = jnp.broadcast_to(weights, values.shape).astype(jnp.float32)
-  return jnp.sum(values.astype(jnp.float32) * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  denominator = jnp.sum(weights) if denominator is None else denominator
+  return jnp.sum(values.astype(jnp.float32) * weights) / jnp.maximum(denominator, 1.0)
+
+
+def loss_denominators(batch: Mapping[str, Array], num_chunks: int, tokens_per_chunk: int) -> dict[str, Array]:
+  """What each loss term is averaged over in `batch`: target tokens, (example, chunk, slot) triples, ...
+
+  A gradient-accumulation step computes these once for the whole batch and passes them to every micro-batch, so
+  that the sum of the micro-batch losses is exactly the loss of the whole batch, whatever the masks.
+  """
+  example_w = batch['example_mask'].astype(jnp.float32)
+  pairs = max(num_chunks - 1, 0)
+  return {
+      'text': jnp.sum(batch['text_loss_mask'][:, 1:] * example_w[:, None]),
+      'latent': jnp.sum(example_w) * pairs * tokens_per_chunk,
+      'video_recon': jnp.sum(example_w) * pairs,
+      'audio_recon': jnp.sum(example_w * batch['audio_mask']) * pairs,
+  }
 
 
 def _avg_pool(x: Array, factors: Sequence[int], first_axis: int) -> Array:
@@ -252,21 +270,25 @@ class Model(nn.Module):
   # -------------------------------------------------------------------------------------------------------------
   # Training forward pass.
 
-  def __call__(self, batch: Mapping[str, Array], train: bool = False) -> dict[str, Any]:
+  def __call__(self, batch: Mapping[str, Array], train: bool = False,
+               denominators: Optional[Mapping[str, Array]] = None) -> dict[str, Any]:
+    """Contract 3. `denominators` (see loss_denominators) replaces this batch's own, for micro-batches."""
     self._check_batch(batch)
     x, h = self.encode_av(batch, train)
     batch_size = x.shape[0]
     latents = h.reshape(batch_size, -1, self.width)
     text_logits = self.text_decoder(batch['text_tokens'], latents, not train)
-    losses = self._losses(batch, x, h, text_logits)
+    if denominators is None:
+      denominators = loss_denominators(batch, self.num_chunks, self.tokens_per_chunk)
+    losses = self._losses(batch, x, h, text_logits, denominators)
     return {'text_logits': text_logits, 'av_latents': h, 'losses': losses}
 
-  def _losses(self, batch, x, h, text_logits) -> dict[str, Array]:
+  def _losses(self, batch, x, h, text_logits, denominators) -> dict[str, Array]:
     example_w = batch['example_mask'].astype(jnp.float32)
     losses = {}
     # Text: the prediction at position i is scored against token i + 1 where that token is a target token.
     ce = optax.softmax_cross_entropy_with_integer_labels(text_logits[:, :-1], batch['text_tokens'][:, 1:])
-    losses['text'] = _masked_mean(ce, batch['text_loss_mask'][:, 1:] * example_w[:, None])
+    losses['text'] = _masked_mean(ce, batch['text_loss_mask'][:, 1:] * example_w[:, None], denominators['text'])
     if self.num_chunks > 1:
       h_now = h[:, :-1].astype(jnp.float32)  # latents of chunks 0 .. T-2 predict chunks 1 .. T-1.
       w = example_w[:, None, None]
@@ -274,23 +296,23 @@ class Model(nn.Module):
       target = jax.lax.stop_gradient(self.perturb('latent_target', x)[:, 1:].astype(jnp.float32))
       if self.latent_loss == 'cosine':
         cos = jnp.sum(_unit(pred) * _unit(target), axis=-1)
-        losses['latent'] = _masked_mean(1.0 - cos, w)
+        losses['latent'] = _masked_mean(1.0 - cos, w, denominators['latent'])
       else:
-        losses['latent'] = _masked_mean(jnp.mean(jnp.square(pred - target), -1), w)
+        losses['latent'] = _masked_mean(jnp.mean(jnp.square(pred - target), -1), w, denominators['latent'])
       pooled = h_now.mean(axis=2)  # [B, T-1, D]
       video_next = batch['video'][:, 1:].astype(jnp.float32) / 127.5 - 1.0
       video_target = _avg_pool(video_next, (self.image_size[0] // self.video_recon_size[0],
                                             self.image_size[1] // self.video_recon_size[1]), first_axis=3)
       video_pred = self.video_recon_head(pooled).astype(jnp.float32).reshape(video_target.shape)
       losses['video_recon'] = _masked_mean(jnp.mean(jnp.square(video_pred - video_target), axis=(2, 3, 4, 5)),
-                                           example_w[:, None])
+                                           example_w[:, None], denominators['video_recon'])
       if self.loss_weights.get('audio_recon', 0.0):
         audio = self.audio_encoder
         audio_next = (batch['audio'][:, 1:] - audio.input_mean) / audio.input_std
         audio_target = _avg_pool(audio_next, self.audio_recon_pool, first_axis=2)
         audio_pred = self.audio_recon_head(pooled).astype(jnp.float32).reshape(audio_target.shape)
         losses['audio_recon'] = _masked_mean(jnp.mean(jnp.square(audio_pred - audio_target), axis=(2, 3)),
-                                             (example_w * batch['audio_mask'])[:, None])
+                                             (example_w * batch['audio_mask'])[:, None], denominators['audio_recon'])
     losses['total'] = sum(self.loss_weights.get(name, 0.0) * value for name, value in losses.items())
     return losses
 
