@@ -179,12 +179,19 @@ def summarize(config, workdir: str, result, seconds: float) -> None:
   if jax.process_index() != 0:
     return
   split = config.data.eval_split
-  answers = lambda s: [tokenizer.target_text(s[i]) or '' for i in range(len(s))]
-  best, baseline = vqa.majority_baseline(answers(sources.open_source(config.data, config.data.train_split)),
-                                         answers(sources.open_source(config.data, split)))
+  train_records = _records(sources.open_source(config.data, config.data.train_split))
+  eval_records = _records(sources.open_source(config.data, split))
+  answers = lambda records: [tokenizer.target_text(r) or '' for r in records]
+  best, baseline = vqa.majority_baseline(answers(train_records), answers(eval_records))
   print(f'\n{split} accuracy {100 * result[f"eval/{split}/accuracy"]:.1f}% on '
         f'{int(result[f"eval/{split}/examples"])} examples; majority-answer baseline (always "{best}") '
         f'{100 * baseline:.1f}%; {seconds / 60:.1f} min')
+  kinds = sorted({r['kind'] for r in eval_records if r.get('kind')})
+  if kinds:  # the answer prior of each question kind: what a model that ignores picture and sound can reach
+    correct = sum(vqa.majority_baseline(answers([r for r in train_records if r.get('kind') == k]),
+                                        answers([r for r in eval_records if r.get('kind') == k]))[1] *
+                  sum(r.get('kind') == k for r in eval_records) for k in kinds)
+    print(f'majority answer per question kind ({", ".join(kinds)}): {100 * correct / len(eval_records):.1f}%')
   files = sorted(glob.glob(os.path.join(workdir, 'predictions', f'{split}_*.jsonl')),
                  key=lambda f: int(f.rsplit('_', 1)[1].split('.')[0]))
   if files:
@@ -193,6 +200,10 @@ def summarize(config, workdir: str, result, seconds: float) -> None:
     for p in predictions[:6]:
       mark = 'right' if vqa.exact_match(p['prediction'], p['answer']) else 'wrong'
       print(f'  {p["question"]!r} -> {p["prediction"]!r} ({mark}; answer {p["answer"]!r})')
+
+
+def _records(source) -> list:
+  return [source[i] for i in range(len(source))]
 
 
 def train_tokenizer(config, workdir) -> str:
