@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 # Ranges seen installing and passing the test suite together (Python 3.11, CPU, 2026-11):
 # jax/jaxlib 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8, ml_collections 1.1.0,
 # tensorflow-datasets 4.9.10, grain 0.2.18, clu 0.0.12, numpy 2.4.6, absl-py 2.5.1, av 18.1.0, sentencepiece 0.2.3,
-# msgpack 1.2.4, importlib_resources 7.1.0, librosa 0.11.0 (tests only: the log-mel reference).
+# msgpack 1.2.4, importlib_resources 7.1.0, tensorboardX 2.6.5, librosa 0.11.0 (tests only: the log-mel reference).
 INSTALL_REQUIRES = [
     'jax>=0.10.2,<0.11',
     'flax>=0.12.8,<0.13',
@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     'sentencepiece>=0.2.0,<0.3',
     'msgpack>=1.0,<2',
     'importlib_resources>=6,<8',  # tensorflow-datasets needs it for builders defined in a package
+    'tensorboardX>=2.6,<3',  # TensorBoard event files without TensorFlow (clu's writers import TensorFlow)
 ]
 
 setup(
