@@ -18,9 +18,14 @@ def test_majority_baseline():
   assert best == 'left' and accuracy == 0.5
 
 
+def _tree():
+  ones = lambda *shape: np.ones(shape, np.float32)
+  return {'encoder': {'dense': {'kernel': ones(2, 3), 'bias': ones(3)}, 'ln': {'scale': ones(3)}},
+          'head': {'kernel': ones(3, 2)}}
+
+
 def test_weight_decay_mask_and_frozen_parameters():
-  params = {'encoder': {'dense': {'kernel': np.ones((2, 3)), 'bias': np.ones(3)}, 'ln': {'scale': np.ones(3)}},
-            'head': {'kernel': np.ones((3, 2))}}
+  params = _tree()
   mask = optimizer.decay_mask(params)
   assert mask['encoder']['dense']['kernel'] and not mask['encoder']['dense']['bias']
   assert not mask['encoder']['ln']['scale'] and mask['head']['kernel']
@@ -31,8 +36,7 @@ def test_weight_decay_mask_and_frozen_parameters():
   config = Config(optimizer='adamw', lr=0.1, total_steps=10, warmup_steps=0, grad_clip=1.0, weight_decay=0.1,
                   frozen='^encoder/')
   tx = optimizer.make(config)
-  grads = {'encoder': {'dense': {'kernel': np.ones((2, 3)), 'bias': np.ones(3)}, 'ln': {'scale': np.ones(3)}},
-           'head': {'kernel': np.ones((3, 2))}}
+  grads = _tree()
   updates, _ = tx.update(grads, tx.init(params), params)
   new = optax.apply_updates(params, updates)
   np.testing.assert_array_equal(new['encoder']['dense']['kernel'], params['encoder']['dense']['kernel'])
