@@ -22,4 +22,9 @@ def get_config(arg=None):
   config.eval_every_steps = 200
   config.checkpoint_every_steps = 200
   config.loss_weights.text = 10.0  # the paper weighs the text loss x10 when fine-tuning
+  # From scratch, in 600 steps, the next-chunk losses and token masking keep the model on the answer prior of each
+  # question kind (40.0% against a 38.3% prior); text alone gets past it (44.2%, counting beeps from the audio).
+  config.loss_weights.latent = 0.0
+  config.loss_weights.video_recon = 0.0
+  config.model.av.mask_ratio = 0.0
   return config
