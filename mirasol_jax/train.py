@@ -322,6 +322,8 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
         writer.write(step, last_eval)
     if pending is not None:
       settle(pending)
+    if not last_eval and config.eval_every_steps > 0 and start_step >= config.total_steps:
+      last_eval = evaluate(state['params'], start_step)  # a finished run started again: report its result
   finally:
     mngr.wait_until_finished()
     mngr.close()
