@@ -216,12 +216,8 @@ def train_tokenizer(config, workdir) -> str:
   if not path:
     raise app.UsageError('set --config.data.tokenizer=PATH or --workdir=DIR for the tokenizer to write')
   source = sources.open_source(config.data, config.data.train_split)
-  texts = [text for i in range(len(source)) for text in tokenizer.text_fields(source[i])]
-  if not texts:
-    raise ValueError(f'{source!r} has no text to train a tokenizer on')
-  tokenizer.train(texts, config.model.vocab_size, path, config.data.tokenizer_type)
-  size = tokenizer.load(path).vocab_size()
-  print(f'tokenizer: {size} pieces from {len(texts)} texts of {source!r} -> {path}')
+  count = tokenizer.train_on_source(source, config.model.vocab_size, path, config.data.tokenizer_type)
+  print(f'tokenizer: {tokenizer.load(path).vocab_size()} pieces from {count} texts of {source!r} -> {path}')
   return path
 
 

@@ -67,9 +67,8 @@ def ensure_tokenizer(config, workdir: str) -> None:
     return
   path = os.path.join(workdir, 'tokenizer.model')
   if jax.process_index() == 0 and not os.path.exists(path):
-    source = sources.open_source(config.data, config.data.train_split)
-    texts = [text for i in range(len(source)) for text in tokenizer_lib.text_fields(source[i])]
-    tokenizer_lib.train(texts, config.model.vocab_size, path, config.data.get('tokenizer_type', 'bpe'))
+    tokenizer_lib.train_on_source(sources.open_source(config.data, config.data.train_split),
+                                  config.model.vocab_size, path, config.data.get('tokenizer_type', 'bpe'))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('tokenizer')
   with config.unlocked():
