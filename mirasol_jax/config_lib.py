@@ -55,7 +55,10 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       sample_rate=16_000,
       window_ms=25.0,
       hop_ms=10.0,
-      train_resize_ratio=1.15,  # training: short side resized to 1.15 x the crop, then random crop and flip
+      train_resize_ratio=1.15,  # training: short side resized to 1.15 x the crop, then a random crop
+      # Training: mirror whole clips at random. Off by default: a mirrored clip contradicts any text about left and
+      # right (questions, captions); turn it on for classification.
+      random_flip=False,
   )
   data.update(overrides)
   return ml_collections.ConfigDict(data)

@@ -171,6 +171,10 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
       zeros = (jax.tree.map(jnp.zeros_like, state['params']),
                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), terms_shape))
       (grads, terms), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), micro))
+    if config.get('frozen'):
+      # Frozen parameters get no update; dropping their gradients here also lets XLA skip computing them.
+      labels = optimizer.frozen_labels(grads, config.frozen)
+      grads = jax.tree.map(lambda g, label: jnp.zeros_like(g) if label == 'frozen' else g, grads, labels)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
                  'opt_state': opt_state, 'rng': rng}
@@ -183,14 +187,6 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
 
   batch_shapes = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                   for k, (shape, dtype) in mirasol.batch_shapes(config.model, config.batch_size).items()}
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                            out_shardings=(state_shardings, replicated), donate_argnums=(0,)).lower(
-                                abstract, batch_shapes).compile()
-  memory = compiled_step.memory_analysis()
-  if memory is not None:
-    _log(f'train step memory per device: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, outputs '
-         f'{memory.output_size_in_bytes / 2**20:.1f} MiB, temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB')
 
   # ---------------------------------------------------------------------------------------------------------------
   # Evaluation: validation loss, KV-cached greedy answers, exact-match accuracy, predictions file.
@@ -256,6 +252,15 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
     result = evaluate(state['params'], start_step)
     mngr.close()
     return result
+
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    compiled_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                            out_shardings=(state_shardings, replicated), donate_argnums=(0,)).lower(
+                                abstract, batch_shapes).compile()
+  memory = compiled_step.memory_analysis()
+  if memory is not None:
+    _log(f'train step memory per device: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, outputs '
+         f'{memory.output_size_in_bytes / 2**20:.1f} MiB, temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB')
 
   # ---------------------------------------------------------------------------------------------------------------
   # The loop. Metrics of step s are fetched while step s + 1 runs, so the host never waits on the device.

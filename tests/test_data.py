@@ -291,9 +291,22 @@ def test_training_jitter_changes_every_epoch_and_evaluation_is_fixed(dataset):
   iterator = pipeline.build(config, 'train')
   first, second = next(iterator), next(iterator)
   good = int(np.flatnonzero(first['index'] == 0)[0]), int(np.flatnonzero(second['index'] == 0)[0])
-  assert not np.array_equal(first['video'][good[0]], second['video'][good[1]])  # new crop, flip and frame times
+  assert not np.array_equal(first['video'][good[0]], second['video'][good[1]])  # new crop and frame times
   evaluation = [next(pipeline.build(config, 'train', train=False))['video'] for _ in range(2)]
   np.testing.assert_array_equal(evaluation[0], evaluation[1])
+
+
+def test_training_crops_mirror_clips_only_when_asked():
+  # Pixel values grow from left to right: a mirrored crop is the only way to get them decreasing.
+  frames = np.broadcast_to(np.arange(40, dtype=np.uint8)[None, None, :, None], (2, 30, 40, 3))
+  rng = np.random.default_rng(0)
+
+  def mirrored(flip):
+    crop = pipeline._crop(frames, 24, 24, rng, flip=flip)
+    assert crop.shape == (2, 24, 24, 3)
+    return bool(crop[0, 0, 0, 0] > crop[0, 0, -1, 0])
+  assert not any(mirrored(False) for _ in range(20))  # the default: 'left' and 'right' in the text stay true
+  assert 0 < sum(mirrored(True) for _ in range(20)) < 20
 
 
 def test_to_global_makes_sharded_arrays_of_a_process_batch(dataset):

@@ -285,3 +285,35 @@ def test_micro_batch_losses_with_global_denominators_add_up_to_the_whole_batch()
   parts = [half(params, {k: v[i:i + 1] for k, v in uneven.items()}) for i in range(2)]
   for key in whole:
     np.testing.assert_allclose(parts[0][key] + parts[1][key], whole[key], rtol=1e-5, err_msg=key)
+
+
+def test_token_context_norm_ignores_each_examples_offset_and_scale_and_decodes_the_same_cached():
+  from mirasol_jax.models import text_decoder
+  decoder = text_decoder.TextDecoder(vocab_size=50, max_len=12, width=32, depth=2, num_heads=2, mlp_dim=64,
+                                     context_norm='tokens')
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(3, 50, (2, 12)), jnp.int32)
+  latents = jnp.asarray(rng.normal(size=(2, 6, 32)), jnp.float32)
+  params = decoder.init(jax.random.PRNGKey(0), tokens, latents)
+  logits = decoder.apply(params, tokens, latents)
+  # Per example and feature: a shared offset and a positive scale say nothing about how the latent tokens differ.
+  offset, scale = rng.normal(size=(2, 1, 32)) * 5, np.exp(rng.normal(size=(2, 1, 32)))
+  np.testing.assert_allclose(decoder.apply(params, tokens, latents * scale + offset), logits, atol=2e-4)
+  assert not np.allclose(decoder.apply(params, tokens, latents[:, ::-1] * latents), logits, atol=1e-3)
+  plain = text_decoder.TextDecoder(vocab_size=50, max_len=12, width=32, depth=2, num_heads=2, mlp_dim=64)
+  assert not np.allclose(plain.apply(params, tokens, latents + offset), plain.apply(params, tokens, latents),
+                         atol=1e-3)
+  # The KV cache (prefill, then one token at a time) sees the same standardised latents as the full pass.
+  prompt_logits, cache = decoder.apply(params, tokens[:, :8], latents, 12, method=text_decoder.TextDecoder.prefill)
+  np.testing.assert_allclose(prompt_logits, logits[:, :8], atol=1e-4)
+  for i in range(8, 12):
+    step_logits, cache = decoder.apply(params, tokens[:, i:i + 1], jnp.full((2,), i, jnp.int32), cache,
+                                       method=text_decoder.TextDecoder.extend)
+    np.testing.assert_allclose(step_logits[:, 0], logits[:, i], atol=1e-4)
+
+
+def test_unknown_context_norm_is_a_config_error():
+  config = tiny_config()
+  config.model.text.context_norm = 'batch'
+  with pytest.raises(ValueError, match='context_norm'):
+    mirasol.Model(**config.model).init(jax.random.PRNGKey(0), random_batch(config))

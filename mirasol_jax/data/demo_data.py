@@ -2,7 +2,8 @@
 
 Generated on first use from a fixed seed into a cache folder (`$MIRASOL_CACHE`, default ~/.cache/mirasol_jax) as
 real H.264 + AAC mp4 files and contract-1 jsonl files (`train.jsonl`, `validation.jsonl`). Each 4-second clip shows
-one coloured shape on a dark background and plays short tones; one question per clip, of three kinds:
+one coloured shape on a still backdrop (random tint, gradient and texture) and plays short tones over a hum and
+noise of random level; one question per clip, of three kinds:
 
 * colour:    the shape changes colour every second; one second has a high tone (the others low or none).
              "what colour is the shape while the high tone plays?" -> red | green | blue | yellow
@@ -29,15 +30,16 @@ from typing import Optional
 import av
 import numpy as np
 
-VERSION = 2
+VERSION = 3
 SEED = 20241121
-NUM_TRAIN, NUM_VALIDATION = 480, 120
+NUM_TRAIN, NUM_VALIDATION = 1200, 120
 DURATION_S, FPS, SIZE = 4.0, 8, 96
 SAMPLE_RATE = 16_000
 COLOURS = {'red': (220, 40, 40), 'green': (40, 200, 60), 'blue': (50, 80, 230), 'yellow': (230, 210, 40)}
 COUNT_WORDS = ('zero', 'one', 'two', 'three')
 HIGH_HZ, LOW_HZ, BEEP_HZ = 1500.0, 300.0, 800.0
 BEEP_S = 0.25
+RADIUS = 22  # pixels of SIZE: the shape spans about half the frame
 
 
 def default_folder() -> str:
@@ -78,7 +80,7 @@ def _tone(samples: np.ndarray, start: float, length: float, hz: float, amplitude
   samples[lo:hi] += amplitude * ramp * np.sin(2 * np.pi * hz * t)
 
 
-def _draw(frame: np.ndarray, x: float, y: float, colour, circle: bool, radius: int = 12) -> None:
+def _draw(frame: np.ndarray, x: float, y: float, colour, circle: bool, radius: int = RADIUS) -> None:
   yy, xx = np.mgrid[:frame.shape[0], :frame.shape[1]]
   if circle:
     inside = (yy - y) ** 2 + (xx - x) ** 2 <= radius ** 2
@@ -87,14 +89,24 @@ def _draw(frame: np.ndarray, x: float, y: float, colour, circle: bool, radius: i
   frame[inside] = colour
 
 
+def _background(rng: np.random.Generator) -> np.ndarray:
+  """[SIZE, SIZE, 3] uint8: a still backdrop of random tint, brightness, gradient and texture, darker than any
+  shape, so that only the shape moves or changes and no two clips look alike around it."""
+  yy, xx = np.mgrid[:SIZE, :SIZE] / SIZE - 0.5
+  angle = rng.uniform(0, 2 * np.pi)
+  ramp = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None] * rng.uniform(0, 80)
+  texture = rng.normal(0, rng.uniform(2, 10), (SIZE, SIZE, 1))
+  return np.clip(rng.uniform(15, 130, 3) + ramp + texture, 0, 170).astype(np.uint8)
+
+
 def make_clip(kind: str, rng: np.random.Generator):
   """-> (frames [N, SIZE, SIZE, 3] uint8, audio [1, samples] float32, question, answer)."""
   num_frames = int(DURATION_S * FPS)
   frames = np.zeros((num_frames, SIZE, SIZE, 3), np.uint8)
-  frames[:] = rng.integers(10, 40, 3)  # dark background of a random tint
+  frames[:] = _background(rng)
   audio = np.zeros(int(DURATION_S * SAMPLE_RATE), np.float32)
   circle = bool(rng.integers(2))
-  x0, y0 = rng.uniform(30, SIZE - 30, 2)
+  x0, y0 = rng.uniform(RADIUS, SIZE - RADIUS, 2)
   times = np.arange(num_frames) / FPS
   if kind == 'colour':
     segments = list(rng.permutation(list(COLOURS)))
@@ -123,14 +135,17 @@ def make_clip(kind: str, rng: np.random.Generator):
     colour = COLOURS[list(COLOURS)[int(rng.integers(4))]]
     beep = rng.uniform(1.0, 2.5)
     direction = 'left' if rng.integers(2) else 'right'
-    x_start = rng.uniform(40, SIZE - 40)
+    x_start = rng.uniform(SIZE / 2 - 10, SIZE / 2 + 10)
     _tone(audio, beep, BEEP_S, BEEP_HZ)
-    speed = (-1 if direction == 'left' else 1) * 18.0  # pixels per second
+    speed = (-1 if direction == 'left' else 1) * 24.0  # pixels per second
     for i, t in enumerate(times):
       x = x_start + speed * max(0.0, t - beep)
-      _draw(frames[i], float(np.clip(x, 12, SIZE - 12)), y0, colour, circle)
+      _draw(frames[i], float(np.clip(x, RADIUS, SIZE - RADIUS)), y0, colour, circle)
     question, answer = 'does the shape move left or right after the beep?', direction
-  audio += rng.normal(0, 0.01, audio.shape).astype(np.float32)  # a little noise floor
+  # A noise floor and a low hum, both of random level: no two clips sound alike between the tones.
+  t = np.arange(len(audio)) / SAMPLE_RATE
+  audio += rng.uniform(0.0, 0.08) * np.sin(2 * np.pi * rng.uniform(60, 120) * t).astype(np.float32)
+  audio += rng.normal(0, rng.uniform(0.005, 0.04), audio.shape).astype(np.float32)
   return frames, audio[None], question, answer
 
 

@@ -32,7 +32,7 @@ EXTRA_KEYS = ('index', 'skipped')
 
 
 class DecodeExample(grain.transforms.RandomMap):
-  """Record -> one example of contract 2 (no batch axis). Random crop, flip and frame jitter in training."""
+  """Record -> one example of contract 2 (no batch axis). Random crop, frame jitter (and flip) in training."""
 
   def __init__(self, model_config: Mapping[str, Any], data_config: Mapping[str, Any], train: bool):
     self._model = dict(model_config)
@@ -99,7 +99,7 @@ class DecodeExample(grain.transforms.RandomMap):
     if rng is not None:
       short_side = int(round(short_side * d.get('train_resize_ratio', 1.15)))
     frames = media_file.frames(media.segment_times(start, end, n, rng), short_side)
-    frames = _crop(frames, height, width, rng)
+    frames = _crop(frames, height, width, rng, flip=bool(d.get('random_flip', False)))
     example = self._blank()
     example['video'] = frames.reshape(t, n // t, height, width, 3)
     waveform = media_file.audio(start, end, d.get('sample_rate', 16_000))
@@ -137,15 +137,16 @@ def load_tokenizer(data_config: Mapping[str, Any], model_config: Mapping[str, An
   return processor
 
 
-def _crop(frames: np.ndarray, height: int, width: int, rng: Optional[np.random.Generator]) -> np.ndarray:
-  """Centre crop (evaluation) or one random crop and flip for the whole clip (training)."""
+def _crop(frames: np.ndarray, height: int, width: int, rng: Optional[np.random.Generator],
+          flip: bool = False) -> np.ndarray:
+  """Centre crop (evaluation) or one random crop, and a random mirror if `flip`, for the whole clip (training)."""
   h, w = frames.shape[1:3]
   if rng is None:
     top, left = (h - height) // 2, (w - width) // 2
   else:
     top, left = int(rng.integers(0, h - height + 1)), int(rng.integers(0, w - width + 1))
   frames = frames[:, top:top + height, left:left + width]
-  if rng is not None and rng.uniform() < 0.5:
+  if rng is not None and flip and rng.uniform() < 0.5:
     frames = frames[:, :, ::-1]
   return np.ascontiguousarray(frames)
 
@@ -259,7 +260,7 @@ def build(config, split: str, process_index: int = 0, process_count: int = 1, tr
   set_state.
 
   `train` defaults to split == 'train': shuffled with a new order every epoch, repeated forever, random crops,
-  flips and frame jitter. Otherwise one ordered pass, the last batch padded with masked examples.
+  frame jitter (and flips if config.data.random_flip). Otherwise one ordered pass, the last batch padded with masked examples.
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count})')

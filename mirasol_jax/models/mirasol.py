@@ -57,7 +57,9 @@ def validate_model_config(model: 'Model') -> None:
   _require_keys('video', model.video, TOWER_ARGS + ('tubes',))
   _require_keys('audio', model.audio, TOWER_ARGS, ('patch_size', 'input_mean', 'input_std'))
   _require_keys('av', model.av, COMBINER_ARGS, ('mask_ratio',))
-  _require_keys('text', model.text, TOWER_ARGS, ('tie_embeddings',))
+  _require_keys('text', model.text, TOWER_ARGS, ('tie_embeddings', 'context_norm'))
+  if model.text.get('context_norm', 'none') not in ('none', 'tokens'):
+    raise _error('text.context_norm', f'{model.text["context_norm"]!r} is not none or tokens')
   _require_keys('combiner_args', model.combiner_args, COMBINER_ARGS, TTM_ARGS)
   if not model.video['tubes']:
     raise _error('video.tubes', 'needs at least one (kernel, stride, offset) tube')

@@ -80,7 +80,7 @@ def model_config(size: str, combiner: str = 'ttm') -> ml_collections.ConfigDict:
   if combiner == 'ttm':
     c['combiner_args'].update(memory_tokens=memory_tokens, tokenlearner_hidden=tokenlearner_hidden)
   c['audio'].update(input_mean=-40.0, input_std=20.0)  # log-mel in dB (power_to_db, top_db=80).
-  c['text']['tie_embeddings'] = True
+  c['text'].update(tie_embeddings=True, context_norm='none')
   c.update(combiner=combiner, latent_loss='cosine', dtype='bfloat16', scan_layers=True, remat_policy='none',
            dropout_rate=0.0, attention_impl=None)
   return ml_collections.ConfigDict(c)
