@@ -108,12 +108,13 @@ def _random_batch(config, batch_size: int):
 
 def _data_batch(config, workdir):
   """The first evaluation batch of config.data, training the run's tokenizer first if there is none."""
-  import os
+  from mirasol_jax import train
   from mirasol_jax.data import pipeline
 
   if not config.data.tokenizer:
-    path = os.path.join(workdir, 'tokenizer.model') if workdir else None
-    config.data.tokenizer = path if path and os.path.exists(path) else train_tokenizer(config, workdir)
+    if not workdir:
+      raise app.UsageError('set --config.data.tokenizer=PATH or --workdir=DIR for the tokenizer to write')
+    train.ensure_tokenizer(config, workdir)
   start = time.perf_counter()
   batch = next(pipeline.build(config, config.data.eval_split, train=False))
   print(f'first {config.data.eval_split} batch of {config.data.source} data: {time.perf_counter() - start:.1f}s')

@@ -8,6 +8,7 @@ from typing import Any
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -38,6 +39,15 @@ def decay_mask(params: Any) -> Any:
 def frozen_labels(params: Any, frozen_regex: str) -> Any:
   pattern = re.compile(frozen_regex) if frozen_regex else None
   return jax.tree.map(lambda name: 'frozen' if pattern and pattern.search(name) else 'train', path_names(params))
+
+
+def drop_frozen(grads: Any, frozen_regex: str) -> Any:
+  """Zeros in place of the gradients of frozen parameters. In the train step, before the optimizer and the grad-norm
+  metric: nothing then reads those gradients, so XLA does not compute them."""
+  if not frozen_regex:
+    return grads
+  return jax.tree.map(lambda g, label: jnp.zeros_like(g) if label == 'frozen' else g, grads,
+                      frozen_labels(grads, frozen_regex))
 
 
 def make(config) -> optax.GradientTransformation:

@@ -171,10 +171,7 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
       zeros = (jax.tree.map(jnp.zeros_like, state['params']),
                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), terms_shape))
       (grads, terms), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), micro))
-    if config.get('frozen'):
-      # Frozen parameters get no update; dropping their gradients here also lets XLA skip computing them.
-      labels = optimizer.frozen_labels(grads, config.frozen)
-      grads = jax.tree.map(lambda g, label: jnp.zeros_like(g) if label == 'frozen' else g, grads, labels)
+    grads = optimizer.drop_frozen(grads, config.get('frozen', ''))
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
                  'opt_state': opt_state, 'rng': rng}

@@ -41,3 +41,10 @@ def test_weight_decay_mask_and_frozen_parameters():
   new = optax.apply_updates(params, updates)
   np.testing.assert_array_equal(new['encoder']['dense']['kernel'], params['encoder']['dense']['kernel'])
   assert np.all(new['head']['kernel'] < 1.0)
+
+
+def test_frozen_gradients_are_dropped_before_the_optimizer_sees_them():
+  grads = optimizer.drop_frozen(_tree(), '^encoder/')
+  assert not np.any(grads['encoder']['dense']['kernel']) and not np.any(grads['encoder']['ln']['scale'])
+  np.testing.assert_array_equal(grads['head']['kernel'], _tree()['head']['kernel'])
+  assert optimizer.drop_frozen(_tree(), '')['encoder']['dense']['bias'].sum() == 3
