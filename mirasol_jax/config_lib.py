@@ -67,6 +67,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
 def base_config(size: str = 'tiny', combiner: str = 'ttm', frames: int = 0) -> ml_collections.ConfigDict:
   """Contract 4b: a complete training config around the `size` model preset."""
   from mirasol_jax import sharding
+  from mirasol_jax.models import mirasol
   from mirasol_jax.models import sizes
 
   config = ml_collections.ConfigDict()
@@ -92,6 +93,9 @@ def base_config(size: str = 'tiny', combiner: str = 'ttm', frames: int = 0) -> m
   config.lr_end_ratio = 0.0  # cosine decay to lr * lr_end_ratio at total_steps
   config.weight_decay = 0.01  # on matrices only
   config.grad_clip = 1.0  # global norm; 0 disables
+  # Factor on the learning rate (and weight decay) of each tower (mirasol.TOWERS); 0 stops a tower's updates but
+  # still computes its gradients (config.frozen skips them).
+  config.lr_multipliers = ml_collections.ConfigDict({tower: 1.0 for tower in mirasol.TOWERS})
   config.frozen = ''  # regex of parameter paths that are not trained, e.g. '^video_encoder/'
   config.microbatches = 1  # gradient accumulation: batch_size examples in this many lax.scan steps
   config.keep_checkpoints = 3

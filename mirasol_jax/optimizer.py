@@ -1,5 +1,5 @@
 """The optimizer from config: AdamW or Adafactor, linear warm-up then cosine decay, global-norm clipping,
-weight decay on matrices only, and frozen parameters by regex on their path."""
+weight decay on matrices only, a learning-rate multiplier per tower, and frozen parameters by regex on their path."""
 from __future__ import annotations
 
 import re
@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from mirasol_jax.models import mirasol
 
 
 def schedule(config) -> optax.Schedule:
@@ -50,9 +52,44 @@ def drop_frozen(grads: Any, frozen_regex: str) -> Any:
                       frozen_labels(grads, frozen_regex))
 
 
+def tower_of(name: str) -> str:
+  """The tower (a key of mirasol.TOWERS) that the parameter at path `name` belongs to."""
+  top = name.split('/', 1)[0]
+  for tower, tops in mirasol.TOWERS.items():
+    if top in tops:
+      return tower
+  raise ValueError(f'parameter {name} belongs to no tower in mirasol.TOWERS')
+
+
+def check_lr_multipliers(multipliers) -> dict[str, float]:
+  multipliers = dict(multipliers or {})
+  unknown = sorted(set(multipliers) - set(mirasol.TOWERS))
+  if unknown:
+    raise ValueError(f'config.lr_multipliers names {unknown}, which are not towers; towers are {list(mirasol.TOWERS)}')
+  negative = {k: v for k, v in multipliers.items() if v < 0}
+  if negative:
+    raise ValueError(f'config.lr_multipliers {negative} must be >= 0')
+  return {k: float(v) for k, v in multipliers.items()}
+
+
+def scale_by_tower(multipliers) -> optax.GradientTransformation:
+  """Multiplies each parameter's update by its tower's entry of `multipliers` (1 where absent): the learning rate
+  and the decoupled weight decay of that tower both scale, as with a separate optimizer per tower."""
+  multipliers = check_lr_multipliers(multipliers)
+
+  def update_fn(updates, state, params=None):
+    del params
+    scaled = jax.tree.map(lambda name, u: u * multipliers.get(tower_of(name), 1.0),
+                          path_names(updates), updates)
+    return scaled, state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def make(config) -> optax.GradientTransformation:
   """config.optimizer (adamw | adafactor), config.lr with warm-up and cosine decay, config.grad_clip,
-  config.weight_decay, config.frozen (regex of parameter paths that never change)."""
+  config.weight_decay, config.lr_multipliers (tower -> factor on its learning rate), config.frozen (regex of
+  parameter paths that never change)."""
   lr = schedule(config)
   if config.optimizer == 'adamw':
     inner = optax.adamw(lr, b1=config.get('b1', 0.9), b2=config.get('b2', 0.999),
@@ -63,6 +100,8 @@ def make(config) -> optax.GradientTransformation:
   else:
     raise ValueError(f'config.optimizer={config.optimizer!r} is not adamw or adafactor')
   tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), inner) if config.get('grad_clip') else inner
+  if config.get('lr_multipliers'):
+    tx = optax.chain(tx, scale_by_tower(config.lr_multipliers))
   if config.get('frozen'):
     tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
                                lambda params: frozen_labels(params, config.frozen))

@@ -274,7 +274,9 @@ class Model(nn.Module):
 
   def __call__(self, batch: Mapping[str, Array], train: bool = False,
                denominators: Optional[Mapping[str, Array]] = None) -> dict[str, Any]:
-    """Contract 3. `denominators` (see loss_denominators) replaces this batch's own, for micro-batches."""
+    """-> text_logits [B, L, vocab], av_latents [B, T, m, D], losses (each term and the weighted `total`) and
+    stats (scalars that are not losses, e.g. `latent_target_spread`). `denominators` (see loss_denominators)
+    replaces this batch's own, for micro-batches."""
     self._check_batch(batch)
     x, h = self.encode_av(batch, train)
     batch_size = x.shape[0]
@@ -282,12 +284,13 @@ class Model(nn.Module):
     text_logits = self.text_decoder(batch['text_tokens'], latents, not train)
     if denominators is None:
       denominators = loss_denominators(batch, self.num_chunks, self.tokens_per_chunk)
-    losses = self._losses(batch, x, h, text_logits, denominators)
-    return {'text_logits': text_logits, 'av_latents': h, 'losses': losses}
+    losses, stats = self._losses(batch, x, h, text_logits, denominators)
+    return {'text_logits': text_logits, 'av_latents': h, 'losses': losses, 'stats': stats}
 
-  def _losses(self, batch, x, h, text_logits, denominators) -> dict[str, Array]:
+  def _losses(self, batch, x, h, text_logits, denominators) -> tuple[dict[str, Array], dict[str, Array]]:
+    """The loss terms (and their weighted `total`), and statistics that are not losses (see `spread`)."""
     example_w = batch['example_mask'].astype(jnp.float32)
-    losses = {}
+    losses, stats = {}, {}
     # Text: the prediction at position i is scored against token i + 1 where that token is a target token.
     ce = optax.softmax_cross_entropy_with_integer_labels(text_logits[:, :-1], batch['text_tokens'][:, 1:])
     losses['text'] = _masked_mean(ce, batch['text_loss_mask'][:, 1:] * example_w[:, None], denominators['text'])
@@ -296,6 +299,9 @@ class Model(nn.Module):
       w = example_w[:, None, None]
       pred = self.latent_head(h_now).astype(jnp.float32)
       target = jax.lax.stop_gradient(self.perturb('latent_target', x)[:, 1:].astype(jnp.float32))
+      # A collapsing latent objective shows as targets (and predictions) that no longer differ between examples.
+      stats['latent_target_spread'] = spread(target, example_w)
+      stats['latent_pred_spread'] = spread(pred, example_w)
       if self.latent_loss == 'cosine':
         cos = jnp.sum(_unit(pred) * _unit(target), axis=-1)
         losses['latent'] = _masked_mean(1.0 - cos, w, denominators['latent'])
@@ -316,7 +322,7 @@ class Model(nn.Module):
         losses['audio_recon'] = _masked_mean(jnp.mean(jnp.square(audio_pred - audio_target), axis=(2, 3)),
                                              (example_w * batch['audio_mask'])[:, None], denominators['audio_recon'])
     losses['total'] = sum(self.loss_weights.get(name, 0.0) * value for name, value in losses.items())
-    return losses
+    return losses, stats
 
   # -------------------------------------------------------------------------------------------------------------
   # Text generation with a KV cache (driven by mirasol_jax.decoding).
@@ -346,6 +352,18 @@ class Model(nn.Module):
     x_t, combiner_state = self.combiner_module.step(u[:, 0], valid[:, 0], state['combiner'])
     h_t, av_cache = self.av_transformer.step(x_t, state['chunk'], state['av_cache'])
     return h_t, {'combiner': combiner_state, 'av_cache': av_cache, 'chunk': state['chunk'] + 1}
+
+
+def spread(values: Array, weights: Array) -> Array:
+  """How much `values` [B, ...] differ between the examples weighted by `weights` [B], in [0, 1]: the standard
+  deviation over examples, averaged over every other position, over the root mean square of the values. 0 when
+  every example gives the same values (a collapsed representation)."""
+  w = weights.astype(jnp.float32)
+  w = (w / jnp.maximum(jnp.sum(w), 1.0)).reshape((-1,) + (1,) * (values.ndim - 1))
+  mean = jnp.sum(w * values, axis=0)
+  std = jnp.sqrt(jnp.maximum(jnp.sum(w * jnp.square(values - mean), axis=0), 0.0))
+  rms = jnp.sqrt(jnp.mean(jnp.sum(w * jnp.square(values), axis=0)))
+  return jnp.mean(std) / jnp.maximum(rms, 1e-12)
 
 
 def _unit(x: Array, eps: float = 1e-6) -> Array:
