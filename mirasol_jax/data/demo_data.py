@@ -15,7 +15,10 @@ noise of random level; one question per clip, of three kinds:
 Neither stream alone answers any question. `majority_baselines(folder)` gives the accuracy of always answering the
 most common training answer, overall and per question kind.
 
-  python -m mirasol_jax.data.demo_data [--folder DIR]   # generates (if needed) and prints the baselines
+The unlabelled set (`labelled=False`, config.data.source='demo_unlabelled') holds other clips made the same way,
+with sound and no text: what pretraining the audio-video towers reads.
+
+  python -m mirasol_jax.data.demo_data [--folder DIR] [--unlabelled]   # generates (if needed), prints baselines
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import numpy as np
 VERSION = 3
 SEED = 20241121
 NUM_TRAIN, NUM_VALIDATION = 1200, 120
+NUM_UNLABELLED = 3600  # training clips of the unlabelled set (its validation split has NUM_VALIDATION)
 DURATION_S, FPS, SIZE = 4.0, 8, 96
 SAMPLE_RATE = 16_000
 COLOURS = {'red': (220, 40, 40), 'green': (40, 200, 60), 'blue': (50, 80, 230), 'yellow': (230, 210, 40)}
@@ -42,9 +46,9 @@ BEEP_S = 0.25
 RADIUS = 22  # pixels of SIZE: the shape spans about half the frame
 
 
-def default_folder() -> str:
+def default_folder(labelled: bool = True) -> str:
   cache = os.environ.get('MIRASOL_CACHE', os.path.join(os.path.expanduser('~'), '.cache', 'mirasol_jax'))
-  return os.path.join(cache, f'demo_v{VERSION}')
+  return os.path.join(cache, f'demo_v{VERSION}' + ('' if labelled else '_unlabelled'))
 
 
 def write_mp4(path: str, frames: np.ndarray, fps: int, audio: Optional[np.ndarray] = None,
@@ -153,28 +157,31 @@ KINDS = ('colour', 'count', 'direction')
 
 
 def _write_clip(job) -> dict:
-  """Writes one clip; its content depends only on (split, index), so clips can be made in any order."""
-  staging, split, index = job
+  """Writes one clip; its content depends only on (labelled, split, index), so clips can be made in any order."""
+  staging, labelled, split, index = job
   kind = KINDS[index % len(KINDS)]
-  rng = np.random.default_rng([SEED, SPLITS.index(split), index])
-  frames, audio, question, answer = make_clip(kind, rng)
+  stream = SPLITS.index(split) + (0 if labelled else len(SPLITS))  # unlabelled clips are other clips
+  frames, audio, question, answer = make_clip(kind, np.random.default_rng([SEED, stream, index]))
   name = f'videos/{split}_{index:04d}.mp4'
   write_mp4(os.path.join(staging, name), frames, FPS, audio)
-  return dict(id=f'{split}_{index:04d}', video=name, start=0.0, end=DURATION_S, question=question, answer=answer,
-              kind=kind)
+  line = dict(id=f'{split}_{index:04d}', video=name, start=0.0, end=DURATION_S)
+  if labelled:
+    line.update(question=question, answer=answer, kind=kind)
+  return line
 
 
 SPLITS = ('train', 'validation')
 
 
-def generate(folder: str, num_train: int = NUM_TRAIN, num_validation: int = NUM_VALIDATION) -> None:
+def generate(folder: str, num_train: int = NUM_TRAIN, num_validation: int = NUM_VALIDATION,
+             labelled: bool = True) -> None:
   """Writes the dataset into `folder` atomically (a temporary folder renamed at the end), one process per core."""
   parent = os.path.dirname(os.path.abspath(folder))
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix='.demo_', dir=parent)
   try:
     os.makedirs(os.path.join(staging, 'videos'))
-    jobs = {split: [(staging, split, i) for i in range(count)]
+    jobs = {split: [(staging, labelled, split, i) for i in range(count)]
             for split, count in zip(SPLITS, (num_train, num_validation))}
     with multiprocessing.get_context('spawn').Pool(os.cpu_count() or 1) as pool:
       for split in SPLITS:
@@ -190,11 +197,11 @@ def generate(folder: str, num_train: int = NUM_TRAIN, num_validation: int = NUM_
     raise
 
 
-def ensure(folder: Optional[str] = None) -> str:
-  """The dataset folder, generated first if it is not there yet."""
-  folder = folder or default_folder()
+def ensure(folder: Optional[str] = None, labelled: bool = True) -> str:
+  """The dataset folder (the labelled or the unlabelled set), generated first if it is not there yet."""
+  folder = folder or default_folder(labelled)
   if not os.path.exists(os.path.join(folder, 'validation.jsonl')):
-    generate(folder)
+    generate(folder, NUM_TRAIN if labelled else NUM_UNLABELLED, labelled=labelled)
   return folder
 
 
@@ -224,8 +231,10 @@ if __name__ == '__main__':
 
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--folder', default=None)
+  parser.add_argument('--unlabelled', action='store_true', help='the unlabelled set (clips with sound, no text)')
   args = parser.parse_args()
   start = time.perf_counter()
-  path = ensure(args.folder)
+  path = ensure(args.folder, labelled=not args.unlabelled)
   print(f'{path} ready in {time.perf_counter() - start:.1f}s')
-  print(json.dumps(majority_baselines(path), indent=1))
+  if not args.unlabelled:
+    print(json.dumps(majority_baselines(path), indent=1))

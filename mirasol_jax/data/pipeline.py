@@ -110,10 +110,14 @@ class DecodeExample(grain.transforms.RandomMap):
           d.get('hop_ms', 10.0), m['mel_bins'])
       example['audio_mask'] = np.array(True)
     target = tokenizer_lib.target_text(record)
-    if target is None:
-      raise ValueError(f'{record.get("id")}: no target text')
-    example['text_tokens'], example['text_loss_mask'] = tokenizer_lib.encode_example(
-        self._get_tokenizer(), tokenizer_lib.prefix_text(record), target, m['max_text_len'])
+    if target is not None:
+      example['text_tokens'], example['text_loss_mask'] = tokenizer_lib.encode_example(
+          self._get_tokenizer(), tokenizer_lib.prefix_text(record), target, m['max_text_len'])
+    elif d.get('require_target', True):
+      raise ValueError(f'{record.get("id")}: no target text (one of {", ".join(sources.TARGET_FIELDS)}); '
+                       'config.data.require_target=False trains on such examples without text')
+    else:  # pretraining on video with sound: no text, nothing for the text loss
+      example['text_tokens'][0] = tokenizer_lib.BOS_ID
     example['example_mask'] = np.array(True)
     return example
 

@@ -1,8 +1,11 @@
 """Random-access sources of raw examples (contract 1): a jsonl folder, ArrayRecord shards, a TFDS dataset.
 
 Every source yields the same record for the same example: a dict with `id`, the media as `video_path` (a file) or
-`video_bytes` (the encoded file), optional `start` / `end`, the text fields, and `error` when the line itself is
-unusable (bad JSON, no `video` field): such a record keeps its place, so skipping it never shifts the others.
+`video_bytes` (the encoded file), optional `start` / `end`, the text fields, any other fields of the line (a question
+type, say, for per-group accuracies), and `error` when the line itself is unusable (bad JSON, no `video` field): such
+a record keeps its place, so skipping it never shifts the others. A record without a target text (answer, caption,
+label) is valid here: video with sound and no text is what pretraining reads; the pipeline decides whether a target
+is required (config.data.require_target).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import grain
 import msgpack
 
 MEDIA_FIELDS = ('video_path', 'video_bytes')
-RECORD_FIELDS = ('id', 'start', 'end', 'title', 'question', 'answer', 'caption', 'label', 'options', 'kind')
+TARGET_FIELDS = ('answer', 'caption', 'label')
 
 
 def parse_line(line: str, folder: str, line_number: int, split: str) -> dict[str, Any]:
@@ -27,14 +30,13 @@ def parse_line(line: str, folder: str, line_number: int, split: str) -> dict[str
     return {'id': where, 'error': f'{where}: not valid JSON ({e.msg})'}
   if not isinstance(raw, dict):
     return {'id': where, 'error': f'{where}: a line must be a JSON object'}
-  record = {k: raw[k] for k in RECORD_FIELDS if k in raw}
+  # Fields a record gets from elsewhere never come from the line.
+  record = {k: v for k, v in raw.items() if k not in ('video', 'error', '_index') + MEDIA_FIELDS}
   record.setdefault('id', where)
   if 'video' not in raw:
     record['error'] = f'{where}: missing field "video"'
   else:
     record['video_path'] = os.path.join(folder, raw['video'])
-  if not any(raw.get(f) is not None for f in ('answer', 'caption', 'label')):
-    record['error'] = f'{where}: no target field (one of "answer", "caption", "label")'
   return record
 
 
@@ -119,10 +121,11 @@ class ArrayRecordSource(grain.sources.RandomAccessDataSource):
 
 
 def dataset_folder(data_config: Mapping[str, Any]) -> str:
-  """The folder of config.data: for source 'demo', the embedded dataset, generated on first use."""
-  if data_config.get('source', 'jsonl') == 'demo':
+  """The folder of config.data: for source 'demo' ('demo_unlabelled'), the embedded dataset (its unlabelled set),
+  generated on first use."""
+  if data_config.get('source', 'jsonl') in ('demo', 'demo_unlabelled'):
     from mirasol_jax.data import demo_data
-    return demo_data.ensure(data_config.get('path') or None)
+    return demo_data.ensure(data_config.get('path') or None, labelled=data_config['source'] == 'demo')
   if not data_config.get('path'):
     raise ValueError('config.data.path is empty: set it to your dataset folder (--config.data.path=DIR) or use '
                      'config.data.source=demo')
@@ -130,14 +133,14 @@ def dataset_folder(data_config: Mapping[str, Any]) -> str:
 
 
 def open_source(data_config: Mapping[str, Any], split: str):
-  """The source named by `config.data.source`: jsonl | demo | array_record | tfds."""
+  """The source named by `config.data.source`: jsonl | demo | demo_unlabelled | array_record | tfds."""
   kind = data_config.get('source', 'jsonl')
   folder = dataset_folder(data_config)
-  if kind in ('jsonl', 'demo'):
+  if kind in ('jsonl', 'demo', 'demo_unlabelled'):
     return JsonlSource(folder, split)
   if kind == 'array_record':
     return ArrayRecordSource(folder, split)
   if kind == 'tfds':
     from mirasol_jax.data import tfds_source
     return tfds_source.open_source(folder, split)
-  raise ValueError(f'config.data.source={kind!r} is not one of jsonl, demo, array_record, tfds')
+  raise ValueError(f'config.data.source={kind!r} is not one of jsonl, demo, demo_unlabelled, array_record, tfds')

@@ -37,11 +37,15 @@ def train(sentences: Iterable[str], vocab_size: int, path: str, model_type: str 
   os.replace(tmp, path)
 
 
+class NoTextError(ValueError):
+  """A source without any text to train a tokenizer on."""
+
+
 def train_on_source(source, vocab_size: int, path: str, model_type: str = 'bpe') -> int:
   """Trains on every text of a source's records (see text_fields); returns the number of texts."""
   texts = [text for i in range(len(source)) for text in text_fields(source[i])]
   if not texts:
-    raise ValueError(f'{source!r} has no text to train a tokenizer on')
+    raise NoTextError(f'{source!r} has no text to train a tokenizer on')
   train(texts, vocab_size, path, model_type)
   return len(texts)
 
