@@ -103,7 +103,8 @@ def count(model: Mapping[str, Any]) -> dict[str, dict[str, float]]:
       comb.token_learner(mem + m + n, d, hidden, mem)
 
   av = towers['av_transformer'] = _Counter()
-  av.layers(model['av']['depth'], t * m, d, model['av']['mlp_dim'], pairs=m * m * t * (t + 1) / 2)
+  pairs = m * m * t * (t + 1) / 2 if _get(model['av'], 'block_causal', True) else (t * m) ** 2
+  av.layers(model['av']['depth'], t * m, d, model['av']['mlp_dim'], pairs=pairs)
 
   heads = towers['av_heads'] = _Counter()
   if t > 1:
@@ -113,6 +114,9 @@ def count(model: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     if _get(model['loss_weights'], 'audio_recon', 0.0):
       ph, pw = model['audio_recon_pool']
       heads.matmul(t - 1, d, (model['audio_frames_per_chunk'] // ph) * (model['mel_bins'] // pw))
+
+  if _get(model['loss_weights'], 'av_contrastive', 0.0):
+    heads.matmul(2 * t, d, d)
 
   text = towers['text_decoder'] = _Counter()
   length, tw = model['max_text_len'], model['text']['width']

@@ -100,9 +100,10 @@ def make(config) -> optax.GradientTransformation:
   else:
     raise ValueError(f'config.optimizer={config.optimizer!r} is not adamw or adafactor')
   tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), inner) if config.get('grad_clip') else inner
-  if config.get('lr_multipliers'):
-    tx = optax.chain(tx, scale_by_tower(config.lr_multipliers))
   if config.get('frozen'):
     tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
                                lambda params: frozen_labels(params, config.frozen))
+  # After the frozen split, which hands its inner transformation placeholders in place of frozen leaves.
+  if any(v != 1.0 for v in dict(config.get('lr_multipliers') or {}).values()):
+    tx = optax.chain(tx, scale_by_tower(config.lr_multipliers))
   return tx

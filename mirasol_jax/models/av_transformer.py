@@ -5,6 +5,8 @@ chunks. Positions are a fixed sin-cos embedding of the chunk index plus a learne
 chunk; neither has a parameter that depends on T, so a model trained on 128 frames runs on 512.
 In training a random fraction `mask_ratio` of the combiner tokens is replaced by a learned mask token.
 `step` runs one chunk against a KV cache of the earlier ones and gives the same latents as the full pass.
+`block_causal=False` lets every chunk see every other (an ablation of the paper's design): latents then depend on
+later chunks, so the next-chunk losses see their own targets and there is no chunk-by-chunk `step`.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class AVTransformer(nn.Module):
   num_heads: int
   mlp_dim: int
   mask_ratio: float = 0.0
+  block_causal: bool = True
   dtype: Any = jnp.float32
   stack_kw: Any = None
 
@@ -48,7 +51,7 @@ class AVTransformer(nn.Module):
     if mask_tokens and self.mask_ratio > 0.0:
       dropped = jax.random.bernoulli(self.make_rng('dropout'), self.mask_ratio, (batch, chunks, m))
       x = jnp.where(dropped[..., None], self.mask_token.astype(x.dtype), x)
-    mask = layers.block_causal_mask(chunks, m)[None, None]
+    mask = layers.block_causal_mask(chunks, m)[None, None] if self.block_causal else None
     h, _ = self.stack(self._embed(x, 0), self_mask=mask, deterministic=deterministic)
     return h.reshape(batch, chunks, m, width)
 
@@ -58,6 +61,9 @@ class AVTransformer(nn.Module):
 
   def step(self, x_t: Array, chunk_index: Array, cache: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
     """x_t [B, m, D] of chunk `chunk_index` (scalar) -> (h_t [B, m, D], cache with this chunk appended)."""
+    if not self.block_causal:
+      raise ValueError('model.av.block_causal=False: every chunk attends to later chunks, so latents cannot be '
+                       'computed chunk by chunk')
     batch = x_t.shape[0]
     index = jnp.full((batch,), chunk_index * self.tokens_per_chunk, jnp.int32)
     h, cache = self.stack(self._embed(x_t[:, None], chunk_index), cache=cache, index=index)

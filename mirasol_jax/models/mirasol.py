@@ -30,7 +30,8 @@ from mirasol_jax.models import text_decoder
 
 Array = jax.Array
 
-LOSS_TERMS = ('text', 'latent', 'video_recon', 'audio_recon')
+LOSS_TERMS = ('text', 'latent', 'video_recon', 'audio_recon', 'av_contrastive')
+LATENT_LOSSES = ('cosine', 'l2', 'contrastive')
 COMBINER_ARGS = ('depth', 'num_heads', 'mlp_dim')
 TTM_ARGS = ('memory_tokens', 'tokenlearner_hidden')
 TOWER_ARGS = ('width', 'depth', 'num_heads', 'mlp_dim')
@@ -56,7 +57,7 @@ def validate_model_config(model: 'Model') -> None:
   height, width = model.image_size
   _require_keys('video', model.video, TOWER_ARGS + ('tubes',))
   _require_keys('audio', model.audio, TOWER_ARGS, ('patch_size', 'input_mean', 'input_std'))
-  _require_keys('av', model.av, COMBINER_ARGS, ('mask_ratio',))
+  _require_keys('av', model.av, COMBINER_ARGS, ('mask_ratio', 'block_causal'))
   _require_keys('text', model.text, TOWER_ARGS, ('tie_embeddings', 'context_norm'))
   if model.text.get('context_norm', 'none') not in ('none', 'tokens'):
     raise _error('text.context_norm', f'{model.text["context_norm"]!r} is not none or tokens')
@@ -91,8 +92,10 @@ def validate_model_config(model: 'Model') -> None:
   unknown = sorted(set(model.loss_weights) - set(LOSS_TERMS))
   if unknown:
     raise _error('loss_weights', f'unknown terms {unknown}; known terms are {list(LOSS_TERMS)}')
-  if model.latent_loss not in ('cosine', 'l2'):
-    raise _error('latent_loss', f'{model.latent_loss!r} is not "cosine" or "l2"')
+  if model.latent_loss not in LATENT_LOSSES:
+    raise _error('latent_loss', f'{model.latent_loss!r} is not one of {LATENT_LOSSES}')
+  if model.contrastive_temperature <= 0:
+    raise _error('contrastive_temperature', f'{model.contrastive_temperature} must be > 0')
   rh, rw = model.video_recon_size
   if height % rh or width % rw:
     raise _error('video_recon_size', f'{tuple(model.video_recon_size)} does not divide image_size '
@@ -155,6 +158,7 @@ def loss_denominators(batch: Mapping[str, Array], num_chunks: int, tokens_per_ch
       'latent': jnp.sum(example_w) * pairs * tokens_per_chunk,
       'video_recon': jnp.sum(example_w) * pairs,
       'audio_recon': jnp.sum(example_w * batch['audio_mask']) * pairs,
+      'av_contrastive': jnp.sum(example_w * batch['audio_mask']) * num_chunks,
   }
 
 
@@ -187,7 +191,8 @@ class Model(nn.Module):
   av: Mapping[str, Any]
   text: Mapping[str, Any]
   loss_weights: Mapping[str, float]
-  latent_loss: str = 'cosine'
+  latent_loss: str = 'cosine'  # cosine | l2 (regression onto the stop-gradient target) | contrastive (InfoNCE)
+  contrastive_temperature: float = 0.1  # the contrastive latent loss and the audio-video contrastive loss
   video_recon_size: Sequence[int] = (16, 16)
   audio_recon_pool: Sequence[int] = (4, 4)
   dtype: str = 'bfloat16'
@@ -232,6 +237,9 @@ class Model(nn.Module):
       ph, pw = self.audio_recon_pool
       self.audio_recon_head = layers.dense(
           (self.audio_frames_per_chunk // ph) * (self.mel_bins // pw), ('embed', 'recon'), dtype, 'audio_recon_head')
+    if self.loss_weights.get('av_contrastive', 0.0):
+      self.av_contrastive_video = layers.dense(self.width, ('embed', 'embed_out'), dtype, 'av_contrastive_video')
+      self.av_contrastive_audio = layers.dense(self.width, ('embed', 'embed_out'), dtype, 'av_contrastive_audio')
 
   # -------------------------------------------------------------------------------------------------------------
   # Encoding.
@@ -264,10 +272,14 @@ class Model(nn.Module):
 
   def encode_av(self, batch: Mapping[str, Array], train: bool = False) -> tuple[Array, Array]:
     """Combiner tokens x [B, T, m, D] and AV latents h [B, T, m, D]."""
+    return self._encode(batch, train)[1:]
+
+  def _encode(self, batch: Mapping[str, Array], train: bool) -> tuple[Array, Array, Array]:
+    """Chunk tokens u [B, T, n, D] (video tokens first), combiner tokens x and AV latents h [B, T, m, D]."""
     u, valid = self.encode_chunk_tokens(batch['video'], batch['audio'], batch['audio_mask'], not train)
     x = self.combiner_module(u, valid, not train)
     h = self.av_transformer(self.perturb('av_input', x), deterministic=not train, mask_tokens=train)
-    return x, h
+    return u, x, h
 
   # -------------------------------------------------------------------------------------------------------------
   # Training forward pass.
@@ -278,16 +290,16 @@ class Model(nn.Module):
     stats (scalars that are not losses, e.g. `latent_target_spread`). `denominators` (see loss_denominators)
     replaces this batch's own, for micro-batches."""
     self._check_batch(batch)
-    x, h = self.encode_av(batch, train)
+    u, x, h = self._encode(batch, train)
     batch_size = x.shape[0]
     latents = h.reshape(batch_size, -1, self.width)
     text_logits = self.text_decoder(batch['text_tokens'], latents, not train)
     if denominators is None:
       denominators = loss_denominators(batch, self.num_chunks, self.tokens_per_chunk)
-    losses, stats = self._losses(batch, x, h, text_logits, denominators)
+    losses, stats = self._losses(batch, u, x, h, text_logits, denominators)
     return {'text_logits': text_logits, 'av_latents': h, 'losses': losses, 'stats': stats}
 
-  def _losses(self, batch, x, h, text_logits, denominators) -> tuple[dict[str, Array], dict[str, Array]]:
+  def _losses(self, batch, u, x, h, text_logits, denominators) -> tuple[dict[str, Array], dict[str, Array]]:
     """The loss terms (and their weighted `total`), and statistics that are not losses (see `spread`)."""
     example_w = batch['example_mask'].astype(jnp.float32)
     losses, stats = {}, {}
@@ -305,8 +317,11 @@ class Model(nn.Module):
       if self.latent_loss == 'cosine':
         cos = jnp.sum(_unit(pred) * _unit(target), axis=-1)
         losses['latent'] = _masked_mean(1.0 - cos, w, denominators['latent'])
-      else:
+      elif self.latent_loss == 'l2':
         losses['latent'] = _masked_mean(jnp.mean(jnp.square(pred - target), -1), w, denominators['latent'])
+      else:
+        losses['latent'] = _masked_mean(
+            _info_nce(pred, target, example_w, self.contrastive_temperature), w, denominators['latent'])
       pooled = h_now.mean(axis=2)  # [B, T-1, D]
       video_next = batch['video'][:, 1:].astype(jnp.float32) / 127.5 - 1.0
       video_target = _avg_pool(video_next, (self.image_size[0] // self.video_recon_size[0],
@@ -321,6 +336,15 @@ class Model(nn.Module):
         audio_pred = self.audio_recon_head(pooled).astype(jnp.float32).reshape(audio_target.shape)
         losses['audio_recon'] = _masked_mean(jnp.mean(jnp.square(audio_pred - audio_target), axis=(2, 3)),
                                              (example_w * batch['audio_mask'])[:, None], denominators['audio_recon'])
+    if self.loss_weights.get('av_contrastive', 0.0):
+      num_video = u.shape[2] - encoders.num_audio_tokens(self.audio_frames_per_chunk, self.mel_bins,
+                                                         self.audio.get('patch_size', (16, 16)))
+      video = self.av_contrastive_video(u[:, :, :num_video].mean(axis=2)).astype(jnp.float32)
+      audio = self.av_contrastive_audio(u[:, :, num_video:].mean(axis=2)).astype(jnp.float32)
+      with_audio = example_w * batch['audio_mask']
+      losses['av_contrastive'] = _masked_mean(
+          _audio_video_nce(video, audio, with_audio, self.contrastive_temperature), with_audio[:, None],
+          denominators['av_contrastive'])
     losses['total'] = sum(self.loss_weights.get(name, 0.0) * value for name, value in losses.items())
     return losses, stats
 
@@ -366,6 +390,43 @@ def spread(values: Array, weights: Array) -> Array:
   return jnp.mean(std) / jnp.maximum(rms, 1e-12)
 
 
+def _info_nce(pred: Array, target: Array, weights: Array, temperature: float) -> Array:
+  """[B, T-1, m, D] predictions and targets -> [B, T-1, m] contrastive loss (CPC's InfoNCE).
+
+  Each prediction must pick its own target, by cosine similarity / temperature, out of the targets of the same slot
+  in every chunk of every example of the batch. Unlike a regression onto a stop-gradient target, this cannot be
+  met by latents that are the same for every clip: a collapsed target is as close to its prediction as any other.
+  Targets of masked examples (weights 0) are not candidates. Cost: m * (B * (T-1))^2 similarities.
+  """
+  batch, steps, slots, width = pred.shape
+  p = jnp.moveaxis(_unit(pred), 2, 0).reshape(slots, batch * steps, width)
+  t = jnp.moveaxis(_unit(target), 2, 0).reshape(slots, batch * steps, width)
+  logits = jnp.einsum('snd,skd->snk', p, t) / temperature
+  candidate = jnp.repeat(weights > 0, steps)
+  logits = jnp.where(candidate[None, None, :], logits, -1e9)
+  loss = -jnp.diagonal(jax.nn.log_softmax(logits, axis=-1), axis1=1, axis2=2)  # [m, B * (T-1)]
+  return jnp.moveaxis(loss.reshape(slots, batch, steps), 0, 2)
+
+
+def _audio_video_nce(video: Array, audio: Array, weights: Array, temperature: float) -> Array:
+  """[B, T, D] pooled video and audio of each chunk -> [B, T] symmetric InfoNCE (VATT's audio-video loss).
+
+  A chunk's audio must pick out that chunk's video among every chunk of every clip in the batch, and its video the
+  audio. Other chunks of the same clip are candidates too, so what is constant over a clip (a backdrop, a noise
+  floor) does not solve it: only what happens when, in both streams, does. Chunks of examples with weight 0 (no
+  audio, or masked) are not candidates.
+  """
+  batch, chunks, width = video.shape
+  v = _unit(video).reshape(-1, width)
+  a = _unit(audio).reshape(-1, width)
+  logits = (v @ a.T) / temperature
+  candidate = jnp.repeat(weights > 0, chunks)
+  v_to_a = jax.nn.log_softmax(jnp.where(candidate[None, :], logits, -1e9), axis=-1)
+  a_to_v = jax.nn.log_softmax(jnp.where(candidate[:, None], logits, -1e9), axis=0)
+  loss = -0.5 * (jnp.diagonal(v_to_a) + jnp.diagonal(a_to_v))
+  return loss.reshape(batch, chunks)
+
+
 def _unit(x: Array, eps: float = 1e-6) -> Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
@@ -375,7 +436,8 @@ TOWERS = {
     'audio_encoder': ('audio_encoder',),
     'combiner': ('combiner', 'video_proj', 'audio_proj', 'modality_embed'),
     'av_transformer': ('av_transformer',),
-    'av_heads': ('latent_head', 'video_recon_head', 'audio_recon_head'),
+    'av_heads': ('latent_head', 'video_recon_head', 'audio_recon_head', 'av_contrastive_video',
+                 'av_contrastive_audio'),
     'text_decoder': ('text_decoder',),
 }
 AV_TOWERS = ('video_encoder', 'audio_encoder', 'combiner', 'av_transformer', 'av_heads')
