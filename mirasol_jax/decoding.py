@@ -5,7 +5,7 @@ whole generation or stream compiles once.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -28,16 +28,18 @@ def prompt_only(tokens: Array, prompt_len: Array, pad_id: int = 0) -> Array:
 
 
 def greedy_decode(model: Model, variables: Mapping[str, Any], batch: Mapping[str, Array], max_new_tokens: int,
-                  eos_id: int, pad_id: int = 0) -> Array:
+                  eos_id: int, pad_id: int = 0, latents: Optional[Array] = None) -> Array:
   """Greedy answers [B, max_new_tokens] to the prompts of `batch` (BOS + prefix, see prompt_lengths).
 
   One prefill of the prompt fills the self-attention cache and the cross-attention keys and values of the AV
   latents; every further token costs one cached decoder step. After EOS, or when the text buffer
-  (model.max_text_len) is full, an example emits pad_id.
+  (model.max_text_len) is full, an example emits pad_id. `latents` (AV latents h [B, T, m, D], or [B, T*m, D])
+  replaces the encoding of the batch's video and audio: then only its text_tokens and text_loss_mask are read.
   """
-  _, h = model.apply(variables, batch, method=Model.encode_av)
+  if latents is None:
+    _, latents = model.apply(variables, batch, method=Model.encode_av)
   batch_size, max_len = batch['text_tokens'].shape
-  latents = h.reshape(batch_size, -1, h.shape[-1])
+  latents = latents.reshape(batch_size, -1, latents.shape[-1])
   prompt_len = prompt_lengths(batch['text_loss_mask'])
   tokens = prompt_only(batch['text_tokens'], prompt_len, pad_id)
   logits, cache = model.apply(variables, tokens, latents, max_len, method=Model.text_prefill)

@@ -1,21 +1,32 @@
-"""Metric writers (TensorBoard events and metrics.jsonl, contract 4), throughput and MFU."""
+"""Metric writers (TensorBoard events and metrics.jsonl, contract 4), throughput and MFU, norms per tower."""
 from __future__ import annotations
 
 import json
 import os
 import time
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+from mirasol_jax.models import mirasol
+
+
+def _step_of(line: str) -> Optional[int]:
+  """The step of a metrics.jsonl line; None for a blank line or the torn last line of a killed run."""
+  try:
+    return int(json.loads(line)['step'])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 class Writer:
   """Writes scalars to workdir/metrics.jsonl (one flat JSON object a line) and TensorBoard event files.
 
-  Only process 0 writes. A resumed run appends, first dropping lines of steps after the restored step, so that the
-  file never holds two values for one step.
+  Only process 0 writes. A resumed run appends, first dropping lines of steps after the restored step (and a line
+  torn by a kill), so that the file never holds two values for one step.
   """
 
   def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
@@ -26,9 +37,11 @@ class Writer:
       return
     if os.path.exists(self._jsonl):
       with open(self._jsonl) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)['step'] <= resume_step]
-      with open(self._jsonl, 'w') as f:
+        kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= resume_step]
+      # Replaced in one rename: a run killed here keeps the old file or the new one, never half of either.
+      with open(self._jsonl + '.tmp', 'w') as f:
         f.writelines(kept)
+      os.replace(self._jsonl + '.tmp', self._jsonl)
     from tensorboardX import SummaryWriter
     self._tb = SummaryWriter(workdir, flush_secs=10)
 
@@ -44,6 +57,22 @@ class Writer:
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
+
+
+def append(workdir: str, step: int, scalars: Mapping[str, float]) -> None:
+  """Appends one line of scalars at `step` to workdir/metrics.jsonl: values computed outside a training run (the
+  `probe` command). Unlike Writer it never rewrites the file, so it is safe beside a trainer that writes the same
+  file; scalars appended again for the same step (a checkpoint probed twice) make a later line, which holds the
+  newer values. A torn last line (a killed run's) is ended first, so that this line stays whole."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  torn = False
+  if os.path.exists(path) and os.path.getsize(path):
+    with open(path, 'rb') as f:
+      f.seek(-1, os.SEEK_END)
+      torn = f.read(1) != b'\n'
+  with open(path, 'a') as f:
+    f.write(('\n' if torn else '') + json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) +
+            '\n')
 
 
 def matmul_peak_flops(device: Optional[jax.Device] = None, size: int = 1024, dtype=jnp.float32,
@@ -77,6 +106,13 @@ class Throughput:
     self._start, self._examples = time.perf_counter(), 0
     return {'perf/examples_per_sec': examples_per_sec, 'perf/tflops_per_device': tflops,
             'perf/mfu': tflops * 1e12 / self._peak}
+
+
+def tower_norms(tree: Mapping[str, Any]) -> dict[str, jax.Array]:
+  """The global norm of each tower's part (mirasol.TOWERS) of a tree shaped like the parameters (parameters,
+  gradients, updates); a tower none of whose parameters are in the tree is left out."""
+  return {tower: optax.global_norm([tree[name] for name in names if name in tree])
+          for tower, names in mirasol.TOWERS.items() if any(name in tree for name in names)}
 
 
 def finite(scalars: Mapping[str, float]) -> bool:

@@ -32,6 +32,7 @@ from mirasol_jax import sharding
 from mirasol_jax.data import pipeline
 from mirasol_jax.data import sources
 from mirasol_jax.data import tokenizer as tokenizer_lib
+from mirasol_jax.evaluators import grounding
 from mirasol_jax.evaluators import vqa
 from mirasol_jax.models import mirasol
 
@@ -62,17 +63,27 @@ def check_config(config, num_devices: int) -> tuple[int, ...]:
 
 
 def ensure_tokenizer(config, workdir: str) -> None:
-  """config.data.tokenizer, or WORKDIR/tokenizer.model trained by process 0 from the training split."""
+  """config.data.tokenizer, or WORKDIR/tokenizer.model trained by process 0 from the training split.
+
+  With config.data.require_target False (pretraining on video with sound), a training split without any text gets
+  no tokenizer and config.data.tokenizer stays empty.
+  """
   if config.data.tokenizer:
     return
   path = os.path.join(workdir, 'tokenizer.model')
   if jax.process_index() == 0 and not os.path.exists(path):
-    tokenizer_lib.train_on_source(sources.open_source(config.data, config.data.train_split),
-                                  config.model.vocab_size, path, config.data.get('tokenizer_type', 'bpe'))
+    source = sources.open_source(config.data, config.data.train_split)
+    try:
+      tokenizer_lib.train_on_source(source, config.model.vocab_size, path, config.data.get('tokenizer_type', 'bpe'))
+    except tokenizer_lib.NoTextError:
+      if config.data.get('require_target', True):
+        raise
+      _log(f'{source!r} holds no text: no tokenizer, and no text loss')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('tokenizer')
-  with config.unlocked():
-    config.data.tokenizer = path
+  if os.path.exists(path):
+    with config.unlocked():
+      config.data.tokenizer = path
 
 
 def _split_microbatches(batch, count: int):
@@ -103,7 +114,10 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=1))
   train_iter = pipeline.build(config, config.data.train_split, process_index, process_count)
-  processor = pipeline.load_tokenizer(config.data, config.model)
+  processor = pipeline.load_tokenizer(config.data, config.model) if config.data.tokenizer else None
+  if processor is None and config.eval_every_steps > 0:
+    raise ValueError(f'config.data ({config.data.source} {config.data.path or ""}) has no text, so there is no '
+                     'answer to evaluate: set config.eval_every_steps=0')
 
   # ---------------------------------------------------------------------------------------------------------------
   # Model, optimizer and the shapes and shardings of the train state.
@@ -148,14 +162,15 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
   microbatches = config.get('microbatches', 1)
 
   def loss_fn(params, batch, rng, denominators=None):
+    """-> the total loss, and (the loss terms, the model's statistics that are not losses)."""
     out = model.apply({'params': params}, batch, train=True, denominators=denominators, rngs={'dropout': rng})
-    return out['losses']['total'], out['losses']
+    return out['losses']['total'], (out['losses'], out['stats'])
 
   def train_step(state, batch):
     rng, step_rng = jax.random.split(state['rng'])
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if microbatches == 1:
-      (_, terms), grads = grad_fn(state['params'], batch, step_rng)
+      (_, (terms, stats)), grads = grad_fn(state['params'], batch, step_rng)
     else:
       # Every micro-batch divides by the whole batch's denominators, so the sum of their losses and gradients is
       # exactly the whole batch's, whatever the masks.
@@ -163,20 +178,29 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
 
       def accumulate(carry, micro):
         index, sub = micro
-        (_, sub_terms), sub_grads = grad_fn(state['params'], sub, jax.random.fold_in(step_rng, index), denominators)
-        return jax.tree.map(jnp.add, carry, (sub_grads, sub_terms)), None
+        (_, sub_aux), sub_grads = grad_fn(state['params'], sub, jax.random.fold_in(step_rng, index), denominators)
+        return jax.tree.map(jnp.add, carry, (sub_grads, sub_aux)), None
       micro = _split_microbatches(batch, microbatches)
-      terms_shape = jax.eval_shape(
+      aux_shape = jax.eval_shape(
           lambda: loss_fn(state['params'], jax.tree.map(lambda x: x[0], micro), step_rng, denominators)[1])
       zeros = (jax.tree.map(jnp.zeros_like, state['params']),
-               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), terms_shape))
-      (grads, terms), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), micro))
+               jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape))
+      (grads, (terms, stats)), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), micro))
+      # Statistics are not parts of a whole like the losses: the step reports their mean over micro-batches.
+      stats = jax.tree.map(lambda s: s / microbatches, stats)
     grads = optimizer.drop_frozen(grads, config.get('frozen', ''))
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
                  'opt_state': opt_state, 'rng': rng}
     step_metrics = {('train/loss' if k == 'total' else f'train/loss_{k}'): v for k, v in terms.items()}
+    step_metrics.update({f'train/{k}': v for k, v in stats.items()})
     step_metrics['train/grad_norm'] = optax.global_norm(grads)
+    # How far each tower moved this step relative to its size (`updates` is new params - params): 0 for a frozen
+    # tower; with Adam about lr over the tower's rms parameter. Reductions over arrays the step holds anyway.
+    param_norms, update_norms = metrics_lib.tower_norms(state['params']), metrics_lib.tower_norms(updates)
+    for tower, grad_norm in metrics_lib.tower_norms(grads).items():
+      step_metrics[f'train/grad_norm/{tower}'] = grad_norm
+      step_metrics[f'train/update_ratio/{tower}'] = update_norms[tower] / jnp.maximum(param_norms[tower], 1e-12)
     step_metrics['train/lr'] = optimizer.schedule(config)(state['step'])
     # Training batches have no padding: a masked example is one that could not be read.
     step_metrics['data/skipped_examples'] = jnp.sum(~batch['example_mask'])
@@ -186,13 +210,42 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
                   for k, (shape, dtype) in mirasol.batch_shapes(config.model, config.batch_size).items()}
 
   # ---------------------------------------------------------------------------------------------------------------
-  # Evaluation: validation loss, KV-cached greedy answers, exact-match accuracy, predictions file.
+  # Evaluation: validation loss, KV-cached greedy answers, exact-match accuracy, predictions file; with
+  # config.eval_diagnostics the same for the grounding variants (evaluators/grounding.py), accuracies per value of
+  # config.eval_group_by.
   max_new_tokens = config.get('eval_max_new_tokens', 8)
+  variants = ('plain',) + (grounding.VARIANTS if config.get('eval_diagnostics', True) else ())
+  group_by = config.get('eval_group_by', '')
 
   def eval_step(params, batch):
-    out = model.apply({'params': params}, batch)
-    answers = decoding.greedy_decode(model, {'params': params}, batch, max_new_tokens, tokenizer_lib.EOS_ID)
-    return out['losses'], answers
+    """-> scalars (losses and statistics, each a mean over the batch's valid examples) and greedy answers
+    [B, len(variants), max_new_tokens].
+
+    The variants' examples are interleaved into one batch (B * 2 blanked clips through one encoding, B * 3 varied
+    latents through one teacher-forced decoding, B * len(variants) through one greedy decoding), so the variants
+    add one encoder and one decoder pass to the compiled step, not one per variant.
+    """
+    variables = {'params': params}
+    out = model.apply(variables, batch)
+    scalars = {'loss': out['losses']['total'], 'loss_text': out['losses']['text'], **out['stats']}
+    latents = [out['av_latents']]
+    if len(variants) > 1:
+      blanked = grounding.interleave([grounding.without_audio(batch), grounding.without_video(batch)])
+      _, blanked_latents = model.apply(variables, blanked, method=mirasol.Model.encode_av)
+      blanked_latents = grounding.deinterleave(blanked_latents, 2)
+      latents += [jnp.take(out['av_latents'], grounding.derangement(batch['example_mask']), axis=0),
+                  blanked_latents[:, 0], blanked_latents[:, 1]]
+      varied = grounding.interleave(latents[1:])
+      tokens = grounding.interleave([batch['text_tokens']] * (len(variants) - 1))
+      logits = model.apply(variables, tokens, varied.reshape(tokens.shape[0], -1, varied.shape[-1]),
+                           method=mirasol.Model.text_logits)
+      losses = grounding.text_losses(grounding.deinterleave(logits, len(variants) - 1), batch['text_tokens'],
+                                     batch['text_loss_mask'], batch['example_mask'])
+      scalars.update({f'{variant}/loss_text': losses[i] for i, variant in enumerate(variants[1:])})
+    text = {k: grounding.interleave([batch[k]] * len(variants)) for k in ('text_tokens', 'text_loss_mask')}
+    answers = decoding.greedy_decode(model, variables, text, max_new_tokens, tokenizer_lib.EOS_ID,
+                                     latents=grounding.interleave(latents))
+    return scalars, grounding.deinterleave(answers, len(variants))
 
   compiled_eval_cache = []
 
@@ -209,38 +262,52 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
 
   def evaluate(params, step: int) -> dict[str, float]:
     start = time.perf_counter()
-    loss_sums: dict[str, float] = {}
+    sums: dict[str, float] = {}
     rows = []
     for host_batch in pipeline.eval_batches(config, config.data.eval_split, process_index, process_count):
-      losses, answers = compiled_eval(params, pipeline.to_global(pipeline.model_inputs(host_batch), batch_sharding))
+      scalars, answers = compiled_eval(params, pipeline.to_global(pipeline.model_inputs(host_batch), batch_sharding))
       weight = float(multihost_utils.process_allgather(host_batch['example_mask'].sum()).sum())
-      for key, value in jax.device_get(losses).items():
-        loss_sums[key] = loss_sums.get(key, 0.0) + float(value) * weight
-      local_answers = multihost_utils.global_array_to_host_local_array(answers, mesh, PartitionSpec(
-          sharding.BATCH_AXES))
-      rows.append(np.concatenate([host_batch['index'][:, None], np.asarray(local_answers)], axis=1))
+      for key, value in jax.device_get(scalars).items():
+        sums[key] = sums.get(key, 0.0) + float(value) * weight
+      local_answers = np.asarray(multihost_utils.global_array_to_host_local_array(answers, mesh, PartitionSpec(
+          sharding.BATCH_AXES)))
+      rows.append(np.concatenate([host_batch['index'][:, None], local_answers.reshape(len(local_answers), -1)], 1))
     rows = np.concatenate(rows)
     rows = np.asarray(multihost_utils.process_allgather(rows)).reshape(-1, rows.shape[-1])
     rows = rows[rows[:, 0] >= 0]
     count = max(len(rows), 1)
-    predictions, correct = [], 0
+    predictions, correct, groups = [], {variant: [] for variant in variants}, []
     for index, *tokens in sorted(rows.tolist()):
       record = eval_source[index]
       answer = tokenizer_lib.target_text(record) or ''
-      prediction = tokenizer_lib.decode(processor, tokens)
-      correct += vqa.exact_match(prediction, answer)
-      predictions.append({'id': record.get('id'), 'question': tokenizer_lib.prefix_text(record),
-                          'answer': answer, 'prediction': prediction, 'kind': record.get('kind')})
+      texts = {variant: tokenizer_lib.decode(processor, tokens[i * max_new_tokens:(i + 1) * max_new_tokens])
+               for i, variant in enumerate(variants)}
+      for variant, text in texts.items():
+        correct[variant].append(vqa.exact_match(text, answer))
+      groups.append(record.get(group_by) if group_by else None)
+      prediction = {'id': record.get('id'), 'question': tokenizer_lib.prefix_text(record), 'answer': answer,
+                    'prediction': texts['plain']}
+      if group_by:
+        prediction[group_by] = groups[-1]
+      # A shuffled answer is about another example's clip: not kept.
+      prediction.update({f'prediction_{v}': texts[v] for v in variants if v not in ('plain', 'shuffled')})
+      predictions.append(prediction)
+    if group_by and rows.size and all(g is None for g in groups):
+      logging.warning('config.eval_group_by=%r: no %s record has that field, so there are no per-group accuracies',
+                      group_by, config.data.eval_split)
     name = config.data.eval_split
-    result = {f'eval/{name}/loss': loss_sums.get('total', 0.0) / count,
-              f'eval/{name}/loss_text': loss_sums.get('text', 0.0) / count,
-              f'eval/{name}/accuracy': correct / count, f'eval/{name}/examples': float(len(rows))}
+    result = {f'eval/{name}/{key}': value / count for key, value in sums.items()}
+    result.update({f'eval/{name}/{key}': value for key, value in grounding.accuracies(correct, groups).items()})
+    result[f'eval/{name}/examples'] = float(len(rows))
     if process_index == 0:
       os.makedirs(os.path.join(workdir, 'predictions'), exist_ok=True)
       with open(os.path.join(workdir, 'predictions', f'{name}_{step}.jsonl'), 'w') as f:
         f.writelines(json.dumps(p) + '\n' for p in predictions)
+    grounded = ', '.join(f'{grounding.LABELS[v]} {100 * result[f"eval/{name}/{v}/accuracy"]:.1f}%'
+                         for v in variants[1:])
     _log(f'step {step}: eval on {len(rows)} {name} examples in {time.perf_counter() - start:.1f}s: accuracy '
-         f'{100 * result[f"eval/{name}/accuracy"]:.1f}%, loss {result[f"eval/{name}/loss"]:.4f}')
+         f'{100 * result[f"eval/{name}/accuracy"]:.1f}%' + (f' ({grounded})' if grounded else '') +
+         f', loss {result[f"eval/{name}/loss"]:.4f}')
     return result
 
   if evaluate_only:

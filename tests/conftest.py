@@ -36,3 +36,12 @@ def random_batch(config, batch_size=2, seed=0):
 @pytest.fixture(scope='session')
 def repo():
   return REPO
+
+
+@pytest.fixture(scope='session')
+def small_demo(tmp_path_factory):
+  """A small clean demo dataset (12 training and 4 validation clips), generated once for the session."""
+  from mirasol_jax.data import demo_data
+  folder = str(tmp_path_factory.mktemp('small_demo') / 'data')
+  demo_data.generate(folder, num_train=12, num_validation=4)
+  return folder

@@ -81,18 +81,38 @@ def _losses(workdir):
   return {line['step']: line['train/loss'] for line in lines if 'train/loss' in line}
 
 
-def _start_and_stop(repo, data, workdir, stop_signal, after_step):
-  """Starts the 6-step run and sends stop_signal once step `after_step` is logged; returns the exit code."""
+def _logged_steps(workdir):
+  """The steps with a training loss in metrics.jsonl, read while a run writes it. A read can see a line half
+  appended, or a resumed run's rewrite half done (the file truncated, then its kept lines written): whole lines
+  only."""
+  try:
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      lines = f.read().split('\n')[:-1]
+  except FileNotFoundError:
+    return []
+  return [scalars['step'] for scalars in map(json.loads, lines) if 'train/loss' in scalars]
+
+
+def _start_and_stop(repo, data, workdir, stop_signal, after_step, checkpoint=None):
+  """Starts the 6-step run and sends stop_signal once step `after_step` is logged and, if given, the checkpoint of
+  step `checkpoint` is complete; returns the exit code and stdout.
+
+  Orbax saves asynchronously: a step's checkpoint is written to `<step>.orbax-checkpoint-tmp` while training goes
+  on, and renamed to `<step>` once complete. A run killed before that resumes from the checkpoint before (or from
+  scratch), so a logged step says nothing about which checkpoint exists.
+  """
   started = time.time()
   process = subprocess.Popen(_command(repo, data, workdir, *STEPS), cwd=repo, env=_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL, text=True)
   metrics = os.path.join(workdir, 'metrics.jsonl')
+  complete = os.path.join(workdir, 'checkpoints', str(checkpoint))
   deadline = started + 300
   while time.time() < deadline and process.poll() is None:
-    # Written by this process (a resumed run first rewrites the file), and far enough.
-    if os.path.exists(metrics) and os.path.getmtime(metrics) > started and max(_losses(workdir)) >= after_step:
+    # Written by this process (a resumed run first rewrites the file), far enough, and the checkpoint complete.
+    if (os.path.exists(metrics) and os.path.getmtime(metrics) > started and
+        max(_logged_steps(workdir), default=0) >= after_step and (checkpoint is None or os.path.isdir(complete))):
       break
-    time.sleep(0.02)
+    time.sleep(0.005)
   assert process.poll() is None, 'the run ended before it could be stopped'
   process.send_signal(stop_signal)
   out, _ = process.communicate(timeout=300)
@@ -101,11 +121,12 @@ def _start_and_stop(repo, data, workdir, stop_signal, after_step):
 
 def test_runs_stopped_by_sigkill_and_sigterm_resume_bit_identically(repo, data, reference, tmp_path):
   workdir = str(tmp_path / 'stopped')
-  code, _ = _start_and_stop(repo, data, workdir, signal.SIGKILL, after_step=4)  # past the checkpoint of step 3
-  assert code == -signal.SIGKILL and max(_losses(workdir)) < 6
-  assert os.listdir(os.path.join(workdir, 'checkpoints'))
+  # Killed past its complete checkpoint of step 3, before its last one (step 6) is complete.
+  code, _ = _start_and_stop(repo, data, workdir, signal.SIGKILL, after_step=4, checkpoint=3)
+  assert code == -signal.SIGKILL and '6' not in os.listdir(os.path.join(workdir, 'checkpoints'))
   # Preemption: SIGTERM saves a checkpoint at the current step and exits cleanly.
   code, out = _start_and_stop(repo, data, workdir, signal.SIGTERM, after_step=4)
+  assert f'resumed from {workdir}/checkpoints/3' in out, out[-2000:]
   assert code == 0 and 'signal 15 received; checkpoint saved' in out, out[-2000:]
   result = _run(repo, data, workdir, *STEPS)
   assert 'resumed from' in result.stdout
