@@ -5,6 +5,7 @@
   python -m mirasol_jax.main forward   --config=configs/pretrain.py:size=small [--batch_size=2]
   python -m mirasol_jax.main tokenizer --config=configs/demo.py --workdir=DIR
   python -m mirasol_jax.main convert   --config=... --format=array_record|tfds --output=DIR [--num_shards=4]
+  python -m mirasol_jax.main probe     --config=configs/demo.py --workdir=DIR [--probe_examples=N] [--probe_init]
 
 `params` prints the parameter count per tower from `jax.eval_shape` (no memory is allocated) and the analytic
 training FLOPs per example. `forward` builds the model and runs, on the first validation batch of config.data (the
@@ -12,8 +13,9 @@ embedded dataset for configs/demo.py; a random batch when the config names no da
 greedy decoding with the KV cache, and the chunk-by-chunk path, and prints what each gives. `tokenizer` trains a
 SentencePiece model (config.model.vocab_size pieces, byte fallback) on the text of the training split and writes it
 to config.data.tokenizer, or to WORKDIR/tokenizer.model when that is empty. `convert` writes every split of the
-dataset folder as ArrayRecord shards or as a TFDS dataset, media bytes inside. Any config field can be overridden:
-`--config.model.combiner=qformer`, `--config.data.path=DIR`.
+dataset folder as ArrayRecord shards or as a TFDS dataset, media bytes inside. `probe` fits linear probes from the
+output of each audio-video tower of the workdir's latest checkpoint to the answers (evaluators/probe.py). Any config
+field can be overridden: `--config.model.combiner=qformer`, `--config.data.path=DIR`.
 """
 from __future__ import annotations
 
@@ -30,13 +32,17 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the run (contract 4).
 _FORMAT = flags.DEFINE_enum('format', 'array_record', ['array_record', 'tfds'], '`convert`: output format.')
 _OUTPUT = flags.DEFINE_string('output', None, '`convert`: output folder.')
 _NUM_SHARDS = flags.DEFINE_integer('num_shards', 4, '`convert`: ArrayRecord shards per split.')
+_PROBE_EXAMPLES = flags.DEFINE_integer('probe_examples', None, '`probe`: fit on the first N examples of the training '
+                                       'split (default all).', lower_bound=2)
+_PROBE_INIT = flags.DEFINE_bool('probe_init', False, '`probe`: a workdir without checkpoint is probed at the random '
+                                'initialisation a run of the config starts from.')
 
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for several processes '
                                    '(or $JAX_COORDINATOR_ADDRESS).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run (or $JAX_NUM_PROCESSES).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (or $JAX_PROCESS_ID).')
 
-COMMANDS = ('train', 'eval', 'params', 'forward', 'tokenizer', 'convert')
+COMMANDS = ('train', 'eval', 'params', 'forward', 'tokenizer', 'convert', 'probe')
 
 
 def initialize_distributed() -> None:
@@ -131,7 +137,7 @@ def forward(config, batch_size: int, workdir) -> None:
   from mirasol_jax.models import mirasol
 
   model = mirasol.Model(**config.model)
-  if config.data.source == 'demo' or config.data.path:
+  if config.data.source in ('demo', 'demo_unlabelled') or config.data.path:
     batch, processor = _data_batch(config, workdir)
   else:
     batch, processor = _random_batch(config, batch_size), None
@@ -168,13 +174,17 @@ def forward(config, batch_size: int, workdir) -> None:
 
 
 def summarize(config, workdir: str, result, seconds: float) -> None:
-  """Process 0 prints the final accuracy beside the majority-answer baseline, and a few answered questions."""
+  """Process 0 prints the final accuracy beside the majority-answer baselines, the grounding table (accuracy per
+  group with the clip as it is, shuffled, without audio, without video; the last update ratio of each tower), and
+  a few answered questions."""
   import glob
   import json
   import os
+  import textwrap
   import jax
   from mirasol_jax.data import sources
   from mirasol_jax.data import tokenizer
+  from mirasol_jax.evaluators import grounding
   from mirasol_jax.evaluators import vqa
 
   if jax.process_index() != 0:
@@ -193,6 +203,13 @@ def summarize(config, workdir: str, result, seconds: float) -> None:
                                         answers([r for r in eval_records if r.get('kind') == k]))[1] *
                   sum(r.get('kind') == k for r in eval_records) for k in kinds)
     print(f'majority answer per question kind ({", ".join(kinds)}): {100 * correct / len(eval_records):.1f}%')
+  for line in grounding.table(result, split):
+    print(line)
+  step, ratios = _last_update_ratios(os.path.join(workdir, 'metrics.jsonl'))
+  if ratios:
+    text = ' '.join(f'{tower}={ratio:.1e}' if ratio else f'{tower}=0' for tower, ratio in ratios.items())
+    print(textwrap.fill(f'update / parameter norm per step (train/update_ratio, step {step}): {text}', width=100,
+                        initial_indent='  ', subsequent_indent='    '))
   files = sorted(glob.glob(os.path.join(workdir, 'predictions', f'{split}_*.jsonl')),
                  key=lambda f: int(f.rsplit('_', 1)[1].split('.')[0]))
   if files:
@@ -205,6 +222,100 @@ def summarize(config, workdir: str, result, seconds: float) -> None:
 
 def _records(source) -> list:
   return [source[i] for i in range(len(source))]
+
+
+def _last_update_ratios(metrics_path: str) -> tuple[int, dict[str, float]]:
+  """The step and the train/update_ratio/<tower> values (in mirasol.TOWERS order) of the last line of
+  metrics.jsonl that has them."""
+  import json
+  import os
+  from mirasol_jax.models import mirasol
+
+  last = (0, {})
+  if os.path.exists(metrics_path):
+    with open(metrics_path) as f:
+      for line in filter(str.strip, f):
+        scalars = json.loads(line)
+        ratios = {tower: scalars[f'train/update_ratio/{tower}'] for tower in mirasol.TOWERS
+                  if f'train/update_ratio/{tower}' in scalars}
+        if ratios:
+          last = (scalars['step'], ratios)
+  return last
+
+
+def _probe_params(config, model, workdir: str, from_init: bool):
+  """The parameters to probe, their step and where they come from: the workdir's latest checkpoint, else what a
+  run of the config starts from (config.init_from over the random initialisation, or with --probe_init the
+  random initialisation alone: the same values as the trainer's, from config.seed)."""
+  import os
+  import flax.linen as nn
+  import jax
+  from mirasol_jax import checkpoint
+  from mirasol_jax.models import mirasol
+
+  step = None
+  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    with checkpoint.manager(workdir, config.get('keep_checkpoints', 3), asynchronous=False) as mngr:
+      step = mngr.latest_step()
+  if step is not None:
+    if from_init:
+      raise app.UsageError(f'--probe_init probes a workdir without checkpoint; {workdir} holds step {step}')
+    return checkpoint.read_params(workdir, step), step, f'{workdir}/checkpoints/{step}'
+  if not (config.init_from or from_init):
+    raise app.UsageError(f'{workdir} holds no checkpoint to probe (--probe_init probes the random initialisation)')
+  params_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))  # as train.train_and_evaluate's init_state
+  params = nn.unbox(jax.jit(model.init)({'params': params_rng, 'dropout': params_rng},
+                                        mirasol.example_batch(config, 1))['params'])
+  if not config.init_from:
+    return params, 0, f'the random initialisation (seed {config.seed})'
+  params, names = checkpoint.load_params(config.init_from, params, config.get('init_from_regex', '.*'))
+  return params, 0, f'{len(names)} parameter arrays of {config.init_from} over the random initialisation'
+
+
+def probe(config, workdir: str, max_examples, from_init: bool) -> dict:
+  """Linear probes of each representation (evaluators/probe.py) of the workdir's parameters: features of the first
+  `max_examples` training examples (all by default) and of every evaluation example, decoded as in evaluation
+  (centre crop, middle of each segment) in one ordered pass; one probe per representation and value of
+  config.eval_group_by. Prints the table, writes WORKDIR/probe.json and appends the accuracies to metrics.jsonl at
+  the checkpoint's step (0 for an initialisation). Returns run's result."""
+  import functools
+  import json
+  import os
+  import jax
+  from mirasol_jax import metrics
+  from mirasol_jax import train
+  from mirasol_jax.data import pipeline
+  from mirasol_jax.data import sources
+  from mirasol_jax.data import tokenizer
+  from mirasol_jax.evaluators import probe as probe_lib
+  from mirasol_jax.models import mirasol
+
+  os.makedirs(workdir, exist_ok=True)
+  model = mirasol.Model(**config.model)
+  params, step, origin = _probe_params(config, model, workdir, from_init)
+  print(f'probing {origin} (step {step})')
+  train.ensure_tokenizer(config, workdir)  # the pipeline tokenises the text even though the probes do not read it
+  encode = jax.jit(functools.partial(probe_lib.representations, model))
+  group_by = config.get('eval_group_by', '')
+  splits = {}
+  for split, limit in ((config.data.train_split, max_examples), (config.data.eval_split, None)):
+    start = time.perf_counter()
+    features, indices = probe_lib.extract(encode, params, pipeline.build(config, split, train=False), limit)
+    source = sources.open_source(config.data, split)
+    records = [source[int(i)] for i in indices]
+    splits[split] = (features, [tokenizer.target_text(r) or '' for r in records],
+                     [r.get(group_by) if group_by else None for r in records])
+    print(f'{split}: features of {len(records)} examples in {time.perf_counter() - start:.1f}s')
+  start = time.perf_counter()
+  result = probe_lib.run(*splits[config.data.train_split], *splits[config.data.eval_split])
+  print(f'probes fitted in {time.perf_counter() - start:.1f}s')
+  for line in probe_lib.table(result, config.data.eval_split):
+    print(line)
+  with open(os.path.join(workdir, 'probe.json'), 'w') as f:
+    json.dump({'step': step, 'params': origin, 'train_split': config.data.train_split,
+               'eval_split': config.data.eval_split, 'group_by': group_by, **result}, f, indent=1)
+  metrics.append(workdir, step, result['metrics'])
+  return result
 
 
 def train_tokenizer(config, workdir) -> str:
@@ -267,6 +378,10 @@ def main(argv):
     if not _OUTPUT.value:
       raise app.UsageError('convert needs --output=DIR')
     convert(config, _OUTPUT.value, _FORMAT.value, _NUM_SHARDS.value)
+  elif argv[1] == 'probe':
+    if not _WORKDIR.value:
+      raise app.UsageError('probe needs --workdir=DIR')
+    probe(config, _WORKDIR.value, _PROBE_EXAMPLES.value, _PROBE_INIT.value)
 
 
 def run():
