@@ -45,7 +45,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 def data_config(**overrides) -> ml_collections.ConfigDict:
   """config.data: where examples come from and how they are decoded (mirasol_jax/data/pipeline.py)."""
   data = dict(
-      source='jsonl',  # jsonl (a contract-1 folder) | demo (the embedded dataset) | array_record | tfds
+      source='jsonl',  # jsonl (a dataset folder) | demo | demo_unlabelled (the embedded datasets) | array_record | tfds
       path='',  # the dataset folder (jsonl, demo), shard folder (array_record) or data_dir (tfds)
       tokenizer='',  # SentencePiece model; `python -m mirasol_jax.main tokenizer` trains one
       tokenizer_type='bpe',  # bpe | unigram, for the tokenizer command
@@ -59,6 +59,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       # Training: mirror whole clips at random. Off by default: a mirrored clip contradicts any text about left and
       # right (questions, captions); turn it on for classification.
       random_flip=False,
+      # An example without a target text (answer, caption, label) is skipped when True; when False it trains with no
+      # text loss (pretraining on video with sound).
+      require_target=True,
   )
   data.update(overrides)
   return ml_collections.ConfigDict(data)
@@ -78,7 +81,8 @@ def base_config(size: str = 'tiny', combiner: str = 'ttm', frames: int = 0) -> m
       raise ValueError(f'frames={frames} is not a multiple of the chunk length k={k} frames')
     config.model.num_frames, config.model.num_chunks = frames, frames // k
   # One object, seen as config.loss_weights and config.model.loss_weights: an override of either changes both.
-  config.loss_weights = ml_collections.ConfigDict(dict(text=1.0, latent=1.0, video_recon=1.0, audio_recon=0.0))
+  config.loss_weights = ml_collections.ConfigDict(dict(text=1.0, latent=1.0, video_recon=1.0, audio_recon=0.0,
+                                                            av_contrastive=0.0))
   config.model.loss_weights = config.loss_weights
   config.data = data_config()
   config.batch_size = 8
@@ -94,12 +98,21 @@ def base_config(size: str = 'tiny', combiner: str = 'ttm', frames: int = 0) -> m
   config.weight_decay = 0.01  # on matrices only
   config.grad_clip = 1.0  # global norm; 0 disables
   # Factor on the learning rate (and weight decay) of each tower (mirasol.TOWERS); 0 stops a tower's updates but
-  # still computes its gradients (config.frozen skips them).
-  config.lr_multipliers = ml_collections.ConfigDict({tower: 1.0 for tower in mirasol.TOWERS})
+  # still computes its gradients (config.frozen skips them). The audio-video towers learn at a tenth of the text
+  # decoder's rate: trained from scratch with the text loss at one rate, they are pushed to erase what tells clips
+  # apart before the decoder has learned to read it (their latents' spread across examples falls to a few percent:
+  # train/latent_target_spread), and the answers fall back on the question's prior. Measured on the demo, README.
+  # Configs without a text loss (pretraining) set every factor to 1.
+  config.lr_multipliers = ml_collections.ConfigDict(
+      {tower: 1.0 if tower == 'text_decoder' else 0.1 for tower in mirasol.TOWERS})
   config.frozen = ''  # regex of parameter paths that are not trained, e.g. '^video_encoder/'
   config.microbatches = 1  # gradient accumulation: batch_size examples in this many lax.scan steps
   config.keep_checkpoints = 3
   config.eval_max_new_tokens = 8
+  # Every evaluation also answers with another example's clip, without audio and with grey frames
+  # (evaluators/grounding.py): about four times the decoding. False evaluates the batch as it is only.
+  config.eval_diagnostics = True
+  config.eval_group_by = 'kind'  # accuracies per value of this field of the evaluation records; '' for none
   config.peak_tflops = 0.0  # per device, for MFU; 0 measures a matmul on the device instead
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.axis_rules = sharding.DEFAULT_AXIS_RULES
