@@ -1,4 +1,4 @@
-"""Checkpoints (contract 4): orbax CheckpointManager holding the train state, every process's grain iterator state
+"""Checkpoints in the workdir: orbax CheckpointManager holding the train state, every process's grain iterator state
 and the config, saved asynchronously; restore into the shardings of a live run; partial loads for fine-tuning."""
 from __future__ import annotations
 

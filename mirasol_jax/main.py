@@ -28,7 +28,7 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, optionally with :arg.', lock_config=True)
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 2, '`forward`: examples in the random batch.')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the run (contract 4).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the run: config, checkpoints, metrics, tokenizer.')
 _FORMAT = flags.DEFINE_enum('format', 'array_record', ['array_record', 'tfds'], '`convert`: output format.')
 _OUTPUT = flags.DEFINE_string('output', None, '`convert`: output folder.')
 _NUM_SHARDS = flags.DEFINE_integer('num_shards', 4, '`convert`: ArrayRecord shards per split.')

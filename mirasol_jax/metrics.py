@@ -1,4 +1,4 @@
-"""Metric writers (TensorBoard events and metrics.jsonl, contract 4), throughput and MFU, norms per tower."""
+"""Metric writers (TensorBoard events and metrics.jsonl in the workdir), throughput and MFU, norms per tower."""
 from __future__ import annotations
 
 import json

@@ -22,7 +22,7 @@ def tiny_config(combiner='ttm', dtype='float32', **model_overrides):
 
 
 def random_batch(config, batch_size=2, seed=0):
-  """A contract-2 batch of random content: prompt = first half of the text, target = second half."""
+  """A model batch (mirasol.example_batch) of random content: prompt = first half of the text, target = second half."""
   rng = np.random.default_rng(seed)
   batch = mirasol.example_batch(config, batch_size)
   batch['video'] = rng.integers(0, 256, batch['video'].shape, dtype=np.uint8)

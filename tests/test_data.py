@@ -46,7 +46,7 @@ def tone(seconds: float, start: float, end: float, hz: float, channels: int = 1)
 
 @pytest.fixture(scope='module')
 def dataset(tmp_path_factory):
-  """A contract-1 folder with one good video and each kind of bad input."""
+  """A dataset folder (jsonl + media) with one good video and each kind of bad input."""
   folder = str(tmp_path_factory.mktemp('dataset'))
   os.makedirs(os.path.join(folder, 'videos'))
   path = lambda name: os.path.join(folder, 'videos', name)

@@ -1,7 +1,7 @@
 """The embedded default dataset: short synthetic videos with sound whose questions need both, over time.
 
 Generated on first use from a fixed seed into a cache folder (`$MIRASOL_CACHE`, default ~/.cache/mirasol_jax) as
-real H.264 + AAC mp4 files and contract-1 jsonl files (`train.jsonl`, `validation.jsonl`). Each 4-second clip shows
+real H.264 + AAC mp4 files and jsonl files (`train.jsonl`, `validation.jsonl`). Each 4-second clip shows
 one coloured shape on a still backdrop (random tint, gradient and texture) and plays short tones over a hum and
 noise of random level; one question per clip, of three kinds:
 

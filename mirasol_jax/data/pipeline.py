@@ -1,4 +1,4 @@
-"""The grain input pipeline: raw records -> decoded, chunked, tokenised contract-2 batches, per process.
+"""The grain input pipeline: raw records -> decoded, chunked, tokenised batches for the model, per process.
 
   source (jsonl | array_record | tfds) -> GlobalBatchSlices (seeded shuffle, repeat, this process's slice of
     every global batch)
@@ -27,12 +27,13 @@ from mirasol_jax.data import media
 from mirasol_jax.data import sources
 from mirasol_jax.data import tokenizer as tokenizer_lib
 
-# Keys of a batch beyond contract 2: the record's position in its source, and whether it was skipped.
+# Keys of a pipeline batch beyond the model's (mirasol.example_batch): the record's position in its source, and
+# whether it was skipped.
 EXTRA_KEYS = ('index', 'skipped')
 
 
 class DecodeExample(grain.transforms.RandomMap):
-  """Record -> one example of contract 2 (no batch axis). Random crop, frame jitter (and flip) in training."""
+  """Record -> one example of a model batch (no batch axis). Random crop, frame jitter (and flip) in training."""
 
   def __init__(self, model_config: Mapping[str, Any], data_config: Mapping[str, Any], train: bool):
     self._model = dict(model_config)
@@ -260,7 +261,7 @@ def per_process_batch_size(config, process_count: int) -> int:
 
 def build(config, split: str, process_index: int = 0, process_count: int = 1, train: Optional[bool] = None,
           num_epochs: Optional[int] = None) -> BatchIterator:
-  """An iterator of this process's slice of every global batch (contract-2 numpy arrays), with get_state /
+  """An iterator of this process's slice of every global batch (numpy arrays with the model's keys), with get_state /
   set_state.
 
   `train` defaults to split == 'train': shuffled with a new order every epoch, repeated forever, random crops,
@@ -305,7 +306,7 @@ def eval_batches(config, split: str, process_index: int = 0, process_count: int 
 
 
 def model_inputs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """The contract-2 keys of a pipeline batch (drops `index` and `skipped`)."""
+  """The model's keys of a pipeline batch (drops `index` and `skipped`)."""
   return {k: v for k, v in batch.items() if k not in EXTRA_KEYS}
 
 

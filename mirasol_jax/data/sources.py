@@ -1,4 +1,4 @@
-"""Random-access sources of raw examples (contract 1): a jsonl folder, ArrayRecord shards, a TFDS dataset.
+"""Random-access sources of raw examples (one dict a jsonl line): a jsonl folder, ArrayRecord shards, a TFDS dataset.
 
 Every source yields the same record for the same example: a dict with `id`, the media as `video_path` (a file) or
 `video_bytes` (the encoded file), optional `start` / `end`, the text fields, any other fields of the line (a question

@@ -1,4 +1,4 @@
-"""A TFDS dataset (`array_record` files, no TensorFlow needed) built from a contract-1 folder, and its source.
+"""A TFDS dataset (`array_record` files, no TensorFlow needed) built from a jsonl dataset folder, and its source.
 
 `prepare(folder, data_dir)` writes every split of the folder (`train.jsonl`, `validation.jsonl`, `test.jsonl`) with
 the media bytes inside; `open_source(data_dir, split)` reads it through `tfds` random access and gives the same

@@ -1,4 +1,4 @@
-"""Mirasol3B: the whole model, from a contract-2 batch to text logits, AV latents and losses.
+"""Mirasol3B: the whole model, from a batch (the keys of example_batch) to text logits, AV latents and losses.
 
 Data flow (shapes for batch B, T chunks of k frames, m combiner tokens, width D):
   video [B, T, k, H, W, 3] --VideoEncoder per chunk--> [B, T, f, Dv] --proj--> [B, T, f, D]  \\
@@ -131,7 +131,7 @@ def batch_shapes(model_config: Mapping[str, Any], batch_size: int) -> dict[str, 
 
 
 def example_batch(config, batch_size: int) -> dict[str, np.ndarray]:
-  """A contract-2 batch of zeros (all examples valid, audio present) with the config's shapes."""
+  """A batch of zeros (all examples valid, audio present) with the config's shapes."""
   batch = {k: np.zeros(shape, dtype) for k, (shape, dtype) in batch_shapes(config.model, batch_size).items()}
   batch['audio_mask'][:] = True
   batch['example_mask'][:] = True

@@ -75,8 +75,8 @@ def model_config(size: str, combiner: str = 'ttm') -> ml_collections.ConfigDict:
         video=_tower(1024, 24, 16, tubes=TUBES_224_K8),
         audio=_tower(768, 12, 12, patch_size=(16, 16)),
         combiner_args=dict(depth=4, num_heads=12, mlp_dim=6144),
-        # 32 AV layers and 22 text layers (design card: 24 and 24) put about half of the 3B in the AV part, as the
-        # paper states; 24/24 gives 2.83B with only 42% in the AV part.
+        # 32 AV layers and 22 text layers put about half of the 3B in the AV part, as the paper states; an even
+        # split, 24 and 24, gives 2.83B with only 42% in the AV part.
         av=dict(depth=32, num_heads=12, mlp_dim=6144, mask_ratio=0.15),
         text=_tower(2048, 22, 16), video_recon_size=(16, 16), audio_recon_pool=(4, 4), memory_tokens=128,
         tokenlearner_hidden=1024)
