@@ -229,12 +229,15 @@ def _last_update_ratios(metrics_path: str) -> tuple[int, dict[str, float]]:
   metrics.jsonl that has them."""
   import json
   import os
+  from mirasol_jax import metrics
   from mirasol_jax.models import mirasol
 
   last = (0, {})
   if os.path.exists(metrics_path):
     with open(metrics_path) as f:
-      for line in filter(str.strip, f):
+      for line in f:
+        if metrics.step_of(line) is None:  # blank, or torn by a kill
+          continue
         scalars = json.loads(line)
         ratios = {tower: scalars[f'train/update_ratio/{tower}'] for tower in mirasol.TOWERS
                   if f'train/update_ratio/{tower}' in scalars}
@@ -251,6 +254,7 @@ def _probe_params(config, model, workdir: str, from_init: bool):
   import flax.linen as nn
   import jax
   from mirasol_jax import checkpoint
+  from mirasol_jax import train
   from mirasol_jax.models import mirasol
 
   step = None
@@ -263,12 +267,11 @@ def _probe_params(config, model, workdir: str, from_init: bool):
     return checkpoint.read_params(workdir, step), step, f'{workdir}/checkpoints/{step}'
   if not (config.init_from or from_init):
     raise app.UsageError(f'{workdir} holds no checkpoint to probe (--probe_init probes the random initialisation)')
-  params_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))  # as train.train_and_evaluate's init_state
-  params = nn.unbox(jax.jit(model.init)({'params': params_rng, 'dropout': params_rng},
-                                        mirasol.example_batch(config, 1))['params'])
+  batch = mirasol.example_batch(config, 1)
+  params = nn.unbox(jax.jit(lambda rng: train.init_params(model, rng, batch)[0])(jax.random.PRNGKey(config.seed)))
   if not config.init_from:
     return params, 0, f'the random initialisation (seed {config.seed})'
-  params, names = checkpoint.load_params(config.init_from, params, config.get('init_from_regex', '.*'))
+  params, names = train.load_init_from(config, params)
   return params, 0, f'{len(names)} parameter arrays of {config.init_from} over the random initialisation'
 
 

@@ -14,7 +14,7 @@ import optax
 from mirasol_jax.models import mirasol
 
 
-def _step_of(line: str) -> Optional[int]:
+def step_of(line: str) -> Optional[int]:
   """The step of a metrics.jsonl line; None for a blank line or the torn last line of a killed run."""
   try:
     return int(json.loads(line)['step'])
@@ -37,7 +37,7 @@ class Writer:
       return
     if os.path.exists(self._jsonl):
       with open(self._jsonl) as f:
-        kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= resume_step]
+        kept = [line for line in f if step_of(line) is not None and step_of(line) <= resume_step]
       # Replaced in one rename: a run killed here keeps the old file or the new one, never half of either.
       with open(self._jsonl + '.tmp', 'w') as f:
         f.writelines(kept)

@@ -103,7 +103,9 @@ def make(config) -> optax.GradientTransformation:
   if config.get('frozen'):
     tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
                                lambda params: frozen_labels(params, config.frozen))
-  # After the frozen split, which hands its inner transformation placeholders in place of frozen leaves.
-  if any(v != 1.0 for v in dict(config.get('lr_multipliers') or {}).values()):
-    tx = optax.chain(tx, scale_by_tower(config.lr_multipliers))
+  # After the frozen split, which hands its inner transformation placeholders in place of frozen leaves. Checked
+  # even when every multiplier is 1 (and nothing is chained), so that a misspelt tower is an error.
+  multipliers = check_lr_multipliers(config.get('lr_multipliers'))
+  if any(v != 1.0 for v in multipliers.values()):
+    tx = optax.chain(tx, scale_by_tower(multipliers))
   return tx

@@ -86,6 +86,19 @@ def ensure_tokenizer(config, workdir: str) -> None:
       config.data.tokenizer = path
 
 
+def init_params(model: mirasol.Model, rng: jax.Array, batch) -> tuple[Any, jax.Array]:
+  """The random initialisation of a run whose rng is `rng` (jax.random.PRNGKey(config.seed)): its parameters
+  (boxed with their logical axes) and the rng the training steps go on with."""
+  params_rng, train_rng = jax.random.split(rng)
+  return model.init({'params': params_rng, 'dropout': params_rng}, batch)['params'], train_rng
+
+
+def load_init_from(config, params):
+  """`params` with the arrays of config.init_from's latest checkpoint whose paths match config.init_from_regex;
+  returns them and the names loaded."""
+  return checkpoint.load_params(config.init_from, params, config.get('init_from_regex', '.*'))
+
+
 def _split_microbatches(batch, count: int):
   return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
 
@@ -126,8 +139,7 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
   init_batch = mirasol.example_batch(config, 1)
 
   def init_state(rng):
-    params_rng, train_rng = jax.random.split(rng)
-    params = model.init({'params': params_rng, 'dropout': params_rng}, init_batch)['params']
+    params, train_rng = init_params(model, rng, init_batch)
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params), 'rng': train_rng}
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -151,9 +163,7 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
       state = jax.jit(lambda rng: nn.unbox(init_state(rng)), out_shardings=state_shardings)(
           jax.random.PRNGKey(config.seed))
     if config.init_from:
-      params, names = checkpoint.load_params(config.init_from, state['params'],
-                                             config.get('init_from_regex', '.*'))
-      state['params'] = params
+      state['params'], names = load_init_from(config, state['params'])
       _log(f'initialised {len(names)} parameter arrays from {config.init_from}')
   start_step = int(state['step'])
 

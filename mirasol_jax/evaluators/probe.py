@@ -26,7 +26,6 @@ import numpy as np
 
 from mirasol_jax.evaluators import grounding
 from mirasol_jax.evaluators import vqa
-from mirasol_jax.models import encoders
 from mirasol_jax.models import mirasol
 
 REPRESENTATIONS = ('video_tokens', 'audio_tokens', 'combiner', 'av_latents')
@@ -45,9 +44,7 @@ def representations(model: mirasol.Model, params: Any, batch: Mapping[str, Any])
   representation -> [B, T*D] float32. Pooled in float32: a mean in bfloat16 loses the small differences between
   clips that a probe looks for."""
   u, x, h = model.apply({'params': params}, batch, False, method=mirasol.Model._encode)
-  num_audio = encoders.num_audio_tokens(model.audio_frames_per_chunk, model.mel_bins,
-                                        model.audio.get('patch_size', (16, 16)))
-  num_video = u.shape[2] - num_audio  # u holds each chunk's video tokens first
+  num_video = u.shape[2] - mirasol.num_audio_tokens(model)  # u holds each chunk's video tokens first
   tokens = {'video_tokens': u[:, :, :num_video], 'audio_tokens': u[:, :, num_video:], 'combiner': x, 'av_latents': h}
   return {name: chunk_means(value.astype(jnp.float32)) for name, value in tokens.items()}
 

@@ -81,7 +81,7 @@ def validate_model_config(model: 'Model') -> None:
       raise _error(field, f'{field}={size} is not a positive multiple of the audio patch size {patch} '
                    f'(model.audio.patch_size={tuple(model.audio.get("patch_size", (16, 16)))})')
   f = encoders.num_video_tokens(model.video['tubes'], (k, height, width))
-  s = encoders.num_audio_tokens(model.audio_frames_per_chunk, model.mel_bins, (pf, pm))
+  s = num_audio_tokens(model)
   if model.tokens_per_chunk < 1 or model.tokens_per_chunk > f + s:
     raise _error('tokens_per_chunk', f'm={model.tokens_per_chunk} must be between 1 and the chunk\'s token count '
                  f'n = {f} video + {s} audio = {f + s}')
@@ -128,6 +128,13 @@ def batch_shapes(model_config: Mapping[str, Any], batch_size: int) -> dict[str, 
       'text_loss_mask': ((batch_size, c['max_text_len']), np.bool_),
       'example_mask': ((batch_size,), np.bool_),
   }
+
+
+def num_audio_tokens(model: 'Model') -> int:
+  """Audio tokens of each chunk: the spectrogram patches of model.audio.patch_size (16x16 by default). A chunk's
+  tokens u hold its video tokens first, then these."""
+  return encoders.num_audio_tokens(model.audio_frames_per_chunk, model.mel_bins,
+                                   tuple(model.audio.get('patch_size', (16, 16))))
 
 
 def example_batch(config, batch_size: int) -> dict[str, np.ndarray]:
@@ -337,8 +344,7 @@ class Model(nn.Module):
         losses['audio_recon'] = _masked_mean(jnp.mean(jnp.square(audio_pred - audio_target), axis=(2, 3)),
                                              (example_w * batch['audio_mask'])[:, None], denominators['audio_recon'])
     if self.loss_weights.get('av_contrastive', 0.0):
-      num_video = u.shape[2] - encoders.num_audio_tokens(self.audio_frames_per_chunk, self.mel_bins,
-                                                         self.audio.get('patch_size', (16, 16)))
+      num_video = u.shape[2] - num_audio_tokens(self)
       video = self.av_contrastive_video(u[:, :, :num_video].mean(axis=2)).astype(jnp.float32)
       audio = self.av_contrastive_audio(u[:, :, num_video:].mean(axis=2)).astype(jnp.float32)
       with_audio = example_w * batch['audio_mask']
