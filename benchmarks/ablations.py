@@ -15,7 +15,8 @@ others go on.
 
 Variants (--only takes the names in brackets):
   ttm (shipped) [ttm], transformer combiner [transformer], qformer combiner [qformer],
-  full attention over chunks [full_attention]: model.av.block_causal=False,
+  full attention over chunks [full_attention]: model.av.block_causal=False and the next-chunk losses off (each
+    chunk would see the next one, which they predict),
   next-chunk losses on [next_chunk_on] / off [next_chunk_off]: loss_weights.latent and .video_recon both 1.0 / 0.0;
     the one that equals the shipped config is the shipped run itself,
   pretrained AV towers [pretrained]: a pretraining run (--pretrain_config, in ROOT/pretrain), then configs/demo.py
@@ -52,7 +53,8 @@ def plan(shipped, pretrain_dir: str) -> list[tuple[str, str, str, list[str]]]:
           ('transformer', 'transformer combiner', 'transformer', [f'--config={DEMO}:transformer']),
           ('qformer', 'qformer combiner', 'qformer', [f'--config={DEMO}:qformer']),
           ('full_attention', 'full attention over chunks', 'full_attention',
-           [f'--config={DEMO}', '--config.model.av.block_causal=False'])]
+           [f'--config={DEMO}', '--config.model.av.block_causal=False', '--config.loss_weights.latent=0.0',
+            '--config.loss_weights.video_recon=0.0'])]
   shipped_weights = (shipped.loss_weights.latent, shipped.loss_weights.video_recon)
   for name, label, weight in (('next_chunk_on', 'next-chunk losses on', 1.0),
                               ('next_chunk_off', 'next-chunk losses off', 0.0)):

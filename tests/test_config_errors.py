@@ -56,3 +56,16 @@ def test_batch_that_disagrees_with_the_config():
   missing = {k: v for k, v in batch.items() if k != 'audio_mask'}
   with pytest.raises(ValueError, match=r"batch has no 'audio_mask'"):
     jax.eval_shape(model.init, jax.random.key(0), missing)
+
+
+def test_full_attention_with_next_chunk_losses_and_other_new_model_fields():
+  config = tiny_config('ttm')
+  config.model.av.block_causal = False  # tiny config: latent and video_recon weights are on
+  with pytest.raises(ValueError, match=r"model\.av\.block_causal.*\['latent', 'video_recon'\]"):
+    mirasol.Model(**config.model)
+  config.loss_weights.latent = config.loss_weights.video_recon = 0.0
+  mirasol.Model(**config.model)  # full attention without next-chunk prediction is a valid ablation
+  with pytest.raises(ValueError, match=r"model\.latent_loss.*'mse'"):
+    _model(latent_loss='mse')
+  with pytest.raises(ValueError, match=r'model\.contrastive_temperature.*0\.0 must be > 0'):
+    _model(contrastive_temperature=0.0)

@@ -32,6 +32,7 @@ Array = jax.Array
 
 LOSS_TERMS = ('text', 'latent', 'video_recon', 'audio_recon', 'av_contrastive')
 LATENT_LOSSES = ('cosine', 'l2', 'contrastive')
+NEXT_CHUNK_TERMS = ('latent', 'video_recon', 'audio_recon')  # losses that predict chunk t+1 from chunks <= t
 COMBINER_ARGS = ('depth', 'num_heads', 'mlp_dim')
 TTM_ARGS = ('memory_tokens', 'tokenlearner_hidden')
 TOWER_ARGS = ('width', 'depth', 'num_heads', 'mlp_dim')
@@ -96,6 +97,10 @@ def validate_model_config(model: 'Model') -> None:
     raise _error('latent_loss', f'{model.latent_loss!r} is not one of {LATENT_LOSSES}')
   if model.contrastive_temperature <= 0:
     raise _error('contrastive_temperature', f'{model.contrastive_temperature} must be > 0')
+  leaking = [t for t in NEXT_CHUNK_TERMS if model.loss_weights.get(t, 0.0)]
+  if not model.av.get('block_causal', True) and leaking:
+    raise _error('av.block_causal', f'False lets every chunk attend to the next one, whose latents and frames the '
+                 f'next-chunk losses {leaking} predict: set their loss_weights to 0 with full attention')
   rh, rw = model.video_recon_size
   if height % rh or width % rw:
     raise _error('video_recon_size', f'{tuple(model.video_recon_size)} does not divide image_size '
