@@ -4,7 +4,8 @@ from setuptools import find_packages, setup
 # Ranges seen installing and passing the test suite together (Python 3.11, CPU, 2026-11):
 # jax/jaxlib 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8, ml_collections 1.1.0,
 # tensorflow-datasets 4.9.10, grain 0.2.18, clu 0.0.12, numpy 2.4.6, absl-py 2.5.1, av 18.1.0, sentencepiece 0.2.3,
-# msgpack 1.2.4, importlib_resources 7.1.0, tensorboardX 2.6.5, librosa 0.11.0 (tests only: the log-mel reference).
+# msgpack 1.2.4, importlib_resources 7.1.0, tensorboardX 2.6.5, librosa 0.11.0 (tests only: the log-mel reference),
+# pycocoevalcap 1.2 (with the pycocotools 2.0.11 it requires).
 INSTALL_REQUIRES = [
     'jax>=0.10.2,<0.11',
     'flax>=0.12.8,<0.13',
@@ -21,6 +22,7 @@ INSTALL_REQUIRES = [
     'msgpack>=1.0,<2',
     'importlib_resources>=6,<8',  # tensorflow-datasets needs it for builders defined in a package
     'tensorboardX>=2.6,<3',  # TensorBoard event files without TensorFlow (clu's writers import TensorFlow)
+    'pycocoevalcap>=1.2,<1.3',  # COCO caption metrics (BLEU, ROUGE-L, CIDEr-D): only its pure-Python scorers
 ]
 
 setup(

@@ -48,6 +48,17 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, iterato
   return restored['state']
 
 
+def restore_params(workdir: str, step: int, abstract_params: Any) -> Any:
+  """The parameters alone of a checkpoint of this project, laid out like `abstract_params` (ShapeDtypeStructs with
+  shardings): neither the optimizer state nor the data iterator is read."""
+  path = os.path.join(os.path.abspath(workdir), 'checkpoints', str(step), 'state')
+  target = {'params': abstract_params}
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+  return restored['params']
+
+
 def read_params(path: str, step: Optional[int] = None) -> Any:
   """The parameters of a run's checkpoint (its workdir or its checkpoints folder; the latest step by default)."""
   folder = path if os.path.basename(os.path.normpath(path)) == 'checkpoints' else os.path.join(path, 'checkpoints')

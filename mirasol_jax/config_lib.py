@@ -47,6 +47,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
   data = dict(
       source='jsonl',  # jsonl (a dataset folder) | demo | demo_unlabelled (the embedded datasets) | array_record | tfds
       path='',  # the dataset folder (jsonl, demo), shard folder (array_record) or data_dir (tfds)
+      media_root='',  # jsonl: the folder that the records' `video` paths are relative to; '' is the dataset folder
       tokenizer='',  # SentencePiece model; `python -m mirasol_jax.main tokenizer` trains one
       tokenizer_type='bpe',  # bpe | unigram, for the tokenizer command
       train_split='train',
@@ -62,14 +63,26 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       # An example without a target text (answer, caption, label) is skipped when True; when False it trains with no
       # text loss (pretraining on video with sound).
       require_target=True,
+      # The task (data/tasks.py): the decoder's prompt, a str.format template over the record's fields ('' is the
+      # title, the question and the options), and the field it must write ('' is the first of answer, caption,
+      # captions, label).
+      prompt='',
+      target='',
+      # Several tasks mixed in training: name -> dict(weight=..., and any of source, path, media_root, train_split,
+      # eval_split, prompt, target over the fields above). Empty: config.data is the one task.
+      tasks=ml_collections.ConfigDict(),
+      # With tasks: False mixes them within every batch, in proportion to their weights; True gives each step's
+      # batch to one task, the tasks taking turns in proportion to their weights (alternating updates).
+      task_per_step=False,
   )
   data.update(overrides)
   return ml_collections.ConfigDict(data)
 
 
 def base_config(size: str = 'tiny', combiner: str = 'ttm', frames: int = 0) -> ml_collections.ConfigDict:
-  """Contract 4b: a complete training config around the `size` model preset."""
+  """A complete training config around the `size` model preset (models/sizes.py)."""
   from mirasol_jax import sharding
+  from mirasol_jax.evaluators import base as evaluators
   from mirasol_jax.models import mirasol
   from mirasol_jax.models import sizes
 
@@ -108,11 +121,11 @@ def base_config(size: str = 'tiny', combiner: str = 'ttm', frames: int = 0) -> m
   config.frozen = ''  # regex of parameter paths that are not trained, e.g. '^video_encoder/'
   config.microbatches = 1  # gradient accumulation: batch_size examples in this many lax.scan steps
   config.keep_checkpoints = 3
-  config.eval_max_new_tokens = 8
-  # Every evaluation also answers with another example's clip, without audio and with grey frames
-  # (evaluators/grounding.py): about four times the decoding. False evaluates the batch as it is only.
-  config.eval_diagnostics = True
-  config.eval_group_by = 'kind'  # accuracies per value of this field of the evaluation records; '' for none
+  # The evaluators (mirasol_jax/evaluators/base.py): name -> type, data, when, prediction settings, group_by. The
+  # default answers the questions of config.data's eval_split, scores exact matches per question `kind`, and with
+  # `diagnostics` also answers with another example's clip, without audio and with grey frames
+  # (evaluators/grounding.py: about four times the decoding).
+  config.evals = ml_collections.ConfigDict({'validation': evaluators.config('vqa', group_by='kind')})
   config.peak_tflops = 0.0  # per device, for MFU; 0 measures a matmul on the device instead
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config.axis_rules = sharding.DEFAULT_AXIS_RULES

@@ -1,6 +1,7 @@
-"""Inference drivers over a Model's parameters: KV-cached greedy text generation and chunk-by-chunk latents.
+"""Inference drivers over a Model's parameters: KV-cached greedy and beam-search text generation, and chunk-by-chunk
+latents.
 
-Both are pure functions of (variables, batch) meant to run under `jax.jit`; their loops are `lax` loops, so a
+All are pure functions of (variables, batch) meant to run under `jax.jit`; their loops are `lax` loops, so a
 whole generation or stream compiles once.
 """
 from __future__ import annotations
@@ -58,6 +59,101 @@ def greedy_decode(model: Model, variables: Mapping[str, Any], batch: Mapping[str
   out = jnp.full((batch_size, max_new_tokens), pad_id, jnp.int32)
   init = (cache, next_token.astype(jnp.int32), jnp.zeros((batch_size,), bool), out)
   return jax.lax.fori_loop(0, max_new_tokens, body, init)[3]
+
+
+# The text decoder's cache (layers.init_stack_cache) holds arrays [layers, batch, ...]: self-attention keys and values
+# 'k', 'v' of the text positions, and cross-attention keys and values 'ck', 'cv' of the AV latents. The latter are the
+# same for every beam of an example, so reordering beams (always within an example) leaves them as they are.
+_CACHE_BATCH_AXIS = 1
+_SHARED_CACHE_KEYS = ('ck', 'cv')
+
+
+def _length_normalised(score: Array, length: Array, length_penalty) -> Array:
+  """score / ((5 + length) / 6) ** length_penalty; length_penalty 0 gives the raw sum of log-probabilities."""
+  return score / ((5.0 + length.astype(jnp.float32)) / 6.0) ** length_penalty
+
+
+def _reorder_beams(cache: Any, rows: Array) -> Any:
+  """Row r of every per-beam cache leaf becomes row rows[r] (along the batch axis)."""
+  def gather(path, leaf):
+    if getattr(path[-1], 'key', None) in _SHARED_CACHE_KEYS:
+      return leaf
+    return jnp.take(leaf, rows, axis=_CACHE_BATCH_AXIS)
+  return jax.tree_util.tree_map_with_path(gather, cache)
+
+
+def beam_decode(model: Model, variables: Mapping[str, Any], batch: Mapping[str, Array], max_new_tokens: int,
+                eos_id: int, beam_size: int = 4, length_penalty: float = 0.0, pad_id: int = 0,
+                latents: Optional[Array] = None) -> tuple[Array, Array]:
+  """Beam-search answers to the prompts of `batch`, with the prompt handling of greedy_decode.
+
+  Returns (tokens [B, max_new_tokens] int32, scores [B] float32): the best beam of each example, pad_id after its
+  EOS, and its score: the sum of the log-probabilities of its tokens (EOS included), divided by
+  ((5 + length) / 6) ** length_penalty, length being its number of tokens counting the EOS. length_penalty 0 ranks
+  by the raw sum, which favours short answers; a larger one favours longer answers.
+
+  Each example keeps `beam_size` beams. At every step a live beam is offered every token of the vocabulary and a
+  finished beam only itself, unchanged; the beam_size best candidates by normalised score are kept, so finished
+  beams compete with live ones until the end. A beam is finished once it has emitted EOS (then it emits pad_id and
+  its score stays fixed) or when the text buffer (model.max_text_len) is full. Beam search with a beam at least as
+  large as the number of prefixes of max_new_tokens - 1 tokens is exact; with beam_size 1 it is greedy_decode.
+
+  One prefill of the B prompts, then the cache is repeated to B * beam_size rows (beam j of example b is row
+  b * beam_size + j), cross-attention keys and values of the latents included; each step is one cached decoder
+  step over all beams, after which the self-attention cache is gathered to follow the surviving beams. The loop
+  stops early once every beam is finished. length_penalty and eos_id may be traced; beam_size may not.
+  """
+  batch_size, max_len = batch['text_tokens'].shape
+  if max_new_tokens < 1:
+    return jnp.full((batch_size, 0), pad_id, jnp.int32), jnp.zeros((batch_size,), jnp.float32)
+  if latents is None:
+    _, latents = model.apply(variables, batch, method=Model.encode_av)
+  latents = latents.reshape(batch_size, -1, latents.shape[-1])
+  prompt_len = prompt_lengths(batch['text_loss_mask'])
+  tokens = prompt_only(batch['text_tokens'], prompt_len, pad_id)
+  logits, cache = model.apply(variables, tokens, latents, max_len, method=Model.text_prefill)
+  logits = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
+  k, vocab = beam_size, logits.shape[-1]
+  cache = jax.tree.map(lambda leaf: jnp.repeat(leaf, k, axis=_CACHE_BATCH_AXIS), cache)
+  first_row = jnp.arange(batch_size)[:, None] * k
+
+  def select(i, beams, log_probs):
+    """Step i: keeps the k best candidates of each example -> (beams, parent beam [B, k], token to feed [B, k])."""
+    scores, lengths, finished, out = beams
+    stop = finished | (prompt_len + i >= max_len)[:, None]
+    stay = jnp.where(jnp.arange(vocab) == 0, scores[..., None], -jnp.inf)  # a stopped beam's only candidate.
+    candidates = jnp.where(stop[..., None], stay, scores[..., None] + log_probs)
+    ranked = _length_normalised(candidates, (lengths + ~stop)[..., None], length_penalty)
+    _, best = jax.lax.top_k(ranked.reshape(batch_size, k * vocab), k)
+    parent, token = best // vocab, best % vocab
+    parent_stop = jnp.take_along_axis(stop, parent, axis=1)
+    out = jnp.take_along_axis(out, parent[..., None], axis=1).at[:, :, i].set(jnp.where(parent_stop, pad_id, token))
+    beams = (jnp.take_along_axis(candidates.reshape(batch_size, k * vocab), best, axis=1),
+             jnp.take_along_axis(lengths, parent, axis=1) + ~parent_stop, parent_stop | (token == eos_id), out)
+    return beams, parent, token
+
+  def body(carry):
+    i, beams, log_probs, cache = carry
+    beams, parent, token = select(i, beams, log_probs)
+    cache = _reorder_beams(cache, (first_row + parent).reshape(-1))
+    index = jnp.repeat(jnp.minimum(prompt_len + i, max_len - 1), k)
+    step_logits, cache = model.apply(variables, token.reshape(-1, 1), index, cache, method=Model.text_extend)
+    return i + 1, beams, jax.nn.log_softmax(step_logits[:, 0]).reshape(batch_size, k, vocab), cache
+
+  def running(carry):
+    i, (_, _, finished, _), _, _ = carry
+    return (i < max_new_tokens - 1) & ~jnp.all(finished)
+
+  beams = (jnp.broadcast_to(jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf), (batch_size, k)),  # one live beam.
+           jnp.zeros((batch_size, k), jnp.int32), jnp.zeros((batch_size, k), bool),
+           jnp.full((batch_size, k, max_new_tokens), pad_id, jnp.int32))
+  log_probs = jnp.broadcast_to(jax.nn.log_softmax(logits)[:, None], (batch_size, k, vocab))
+  i, beams, log_probs, _ = jax.lax.while_loop(running, body, (jnp.zeros((), jnp.int32), beams, log_probs, cache))
+  scores, lengths, _, out = select(i, beams, log_probs)[0]  # the last step (or a no-op once all are finished).
+  normalised = _length_normalised(scores, lengths, length_penalty)
+  best = jnp.argmax(normalised, axis=1)
+  rows = jnp.arange(batch_size)
+  return out[rows, best], normalised[rows, best]
 
 
 def greedy_decode_uncached(model: Model, variables: Mapping[str, Any], batch: Mapping[str, Array],

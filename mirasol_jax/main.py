@@ -1,21 +1,28 @@
 """Command line of mirasol_jax (also installed as `mirasol`).
 
+  python -m mirasol_jax.main train     --config=configs/demo.py --workdir=DIR
+  python -m mirasol_jax.main eval      --config=configs/demo.py --workdir=DIR [--step=N] [--config.data.path=...]
   python -m mirasol_jax.main params    --config=configs/pretrain.py:size=3b
   python -m mirasol_jax.main forward   --config=configs/demo.py --workdir=DIR
   python -m mirasol_jax.main forward   --config=configs/pretrain.py:size=small [--batch_size=2]
   python -m mirasol_jax.main tokenizer --config=configs/demo.py --workdir=DIR
   python -m mirasol_jax.main convert   --config=... --format=array_record|tfds --output=DIR [--num_shards=4]
   python -m mirasol_jax.main probe     --config=configs/demo.py --workdir=DIR [--probe_examples=N] [--probe_init]
+  python -m mirasol_jax.main tables    WORKDIR [WORKDIR ...]
 
-`params` prints the parameter count per tower from `jax.eval_shape` (no memory is allocated) and the analytic
-training FLOPs per example. `forward` builds the model and runs, on the first validation batch of config.data (the
-embedded dataset for configs/demo.py; a random batch when the config names no data), a training-mode forward pass,
-greedy decoding with the KV cache, and the chunk-by-chunk path, and prints what each gives. `tokenizer` trains a
-SentencePiece model (config.model.vocab_size pieces, byte fallback) on the text of the training split and writes it
-to config.data.tokenizer, or to WORKDIR/tokenizer.model when that is empty. `convert` writes every split of the
-dataset folder as ArrayRecord shards or as a TFDS dataset, media bytes inside. `probe` fits linear probes from the
-output of each audio-video tower of the workdir's latest checkpoint to the answers (evaluators/probe.py). Any config
-field can be overridden: `--config.model.combiner=qformer`, `--config.data.path=DIR`.
+`train` trains (resuming from the workdir's checkpoint) and runs the evaluators of config.evals when they are due;
+`eval` runs every evaluator on the parameters of a checkpoint (evaluators/base.py), on the config's data or any
+other (`--config.data.path`), and appends the metrics to the workdir's metrics.jsonl. `tables` prints the results of
+runs beside the paper's (mirasol_jax/paper.py). `params` prints the parameter count per tower from `jax.eval_shape`
+(no memory is allocated) and the analytic training FLOPs per example. `forward` builds the model and runs, on the
+first validation batch of config.data (the embedded dataset for configs/demo.py; a random batch when the config
+names no data), a training-mode forward pass, greedy decoding with the KV cache, and the chunk-by-chunk path, and
+prints what each gives. `tokenizer` trains a SentencePiece model (config.model.vocab_size pieces, byte fallback) on
+the text of the training split and writes it to config.data.tokenizer, or to WORKDIR/tokenizer.model when that is
+empty. `convert` writes every split of the dataset folder as ArrayRecord shards or as a TFDS dataset, media bytes
+inside. `probe` fits linear probes from the output of each audio-video tower of the workdir's latest checkpoint to
+the answers (evaluators/probe.py). Any config field can be overridden: `--config.model.combiner=qformer`,
+`--config.data.path=DIR`.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the run: config, chec
 _FORMAT = flags.DEFINE_enum('format', 'array_record', ['array_record', 'tfds'], '`convert`: output format.')
 _OUTPUT = flags.DEFINE_string('output', None, '`convert`: output folder.')
 _NUM_SHARDS = flags.DEFINE_integer('num_shards', 4, '`convert`: ArrayRecord shards per split.')
+_STEP = flags.DEFINE_integer('step', None, '`eval`: the checkpoint step to evaluate (default the latest).')
 _PROBE_EXAMPLES = flags.DEFINE_integer('probe_examples', None, '`probe`: fit on the first N examples of the training '
                                        'split (default all).', lower_bound=2)
 _PROBE_INIT = flags.DEFINE_bool('probe_init', False, '`probe`: a workdir without checkpoint is probed at the random '
@@ -42,7 +50,7 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run (or $JAX_NUM_PROCESSES).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (or $JAX_PROCESS_ID).')
 
-COMMANDS = ('train', 'eval', 'params', 'forward', 'tokenizer', 'convert', 'probe')
+COMMANDS = ('train', 'eval', 'params', 'forward', 'tokenizer', 'convert', 'probe', 'tables')
 
 
 def initialize_distributed() -> None:
@@ -174,50 +182,76 @@ def forward(config, batch_size: int, workdir) -> None:
 
 
 def summarize(config, workdir: str, result, seconds: float) -> None:
-  """Process 0 prints the final accuracy beside the majority-answer baselines, the grounding table (accuracy per
-  group with the clip as it is, shuffled, without audio, without video; the last update ratio of each tower), and
-  a few answered questions."""
-  import glob
-  import json
+  """Process 0 prints each evaluator's figures: for question answering the accuracy beside the majority-answer
+  baselines, the grounding table (accuracy per group with the clip as it is, shuffled, without audio, without
+  video) and a few answered questions; for captioning CIDEr-D, BLEU-4, ROUGE-L and a few captions; for multiple
+  choice and classification the accuracies per group; and the last update ratio of each tower."""
+  import jax
   import os
   import textwrap
-  import jax
   from mirasol_jax.data import sources
-  from mirasol_jax.data import tokenizer
+  from mirasol_jax.data import tasks
   from mirasol_jax.evaluators import grounding
   from mirasol_jax.evaluators import vqa
 
   if jax.process_index() != 0:
     return
-  split = config.data.eval_split
-  train_records = _records(sources.open_source(config.data, config.data.train_split))
-  eval_records = _records(sources.open_source(config.data, split))
-  answers = lambda records: [tokenizer.target_text(r) or '' for r in records]
-  best, baseline = vqa.majority_baseline(answers(train_records), answers(eval_records))
-  print(f'\n{split} accuracy {100 * result[f"eval/{split}/accuracy"]:.1f}% on '
-        f'{int(result[f"eval/{split}/examples"])} examples; majority-answer baseline (always "{best}") '
-        f'{100 * baseline:.1f}%; {seconds / 60:.1f} min')
-  kinds = sorted({r['kind'] for r in eval_records if r.get('kind')})
-  if kinds:  # the answer prior of each question kind: what a model that ignores picture and sound can reach
-    correct = sum(vqa.majority_baseline(answers([r for r in train_records if r.get('kind') == k]),
-                                        answers([r for r in eval_records if r.get('kind') == k]))[1] *
-                  sum(r.get('kind') == k for r in eval_records) for k in kinds)
-    print(f'majority answer per question kind ({", ".join(kinds)}): {100 * correct / len(eval_records):.1f}%')
-  for line in grounding.table(result, split):
-    print(line)
+  print(f'\nresults after {seconds / 60:.1f} min')
+  for name, cfg in (config.get('evals') or {}).items():
+    prefix = f'eval/{name}/'
+    metrics = {k[len(prefix):]: v for k, v in result.items() if k.startswith(prefix)}
+    if not metrics:
+      continue
+    data = tasks.task_data(config.data, cfg.task)
+    split = cfg.split or data.eval_split
+    where = f'{name} ({cfg.type}, {split}, {int(metrics.get("examples", 0))} examples'
+    where += f', {int(metrics["skipped"])} unreadable)' if metrics.get('skipped') else ')'
+    if cfg.type == 'vqa':
+      train_records = _records(sources.open_source(data, data.train_split))
+      eval_records = _records(sources.open_source(data, split))
+      answers = lambda records: [tasks.target(r, data.target) or '' for r in records]
+      groups = (lambda records: [r.get(cfg.group_by) for r in records]) if cfg.group_by else (lambda records: None)
+      baseline = vqa.majority_baseline(answers(train_records), answers(eval_records), groups(train_records),
+                                       groups(eval_records))
+      print(f'{where}: accuracy {100 * metrics["accuracy"]:.1f}%; majority-answer baseline (always '
+            f'"{baseline["answer"]}") {100 * baseline["accuracy"]:.1f}%' +
+            (f', majority answer per {cfg.group_by} {100 * baseline["per_group"]:.1f}%' if 'per_group' in baseline
+             else ''))
+      for line in grounding.table(result, name):
+        print(line)
+      for p in _last_predictions(workdir, name)[:6]:
+        mark = 'right' if vqa.exact_match(p['prediction'], p['answer']) else 'wrong'
+        print(f'  {p["question"]!r} -> {p["prediction"]!r} ({mark}; answer {p["answer"]!r})')
+    elif cfg.type == 'caption':
+      print(f'{where}: CIDEr-D {metrics.get("cider", 0):.3f}, BLEU-4 {metrics.get("bleu4", 0):.3f}, ROUGE-L '
+            f'{metrics.get("rouge_l", 0):.3f}')
+      for p in _last_predictions(workdir, name)[:4]:
+        print(f'  {p["prediction"]!r} (reference {p["references"][0]!r})')
+    else:
+      main = [k for k in metrics if k in ('accuracy', 'top1', 'top5', 'mean_ap', 'loss')]
+      groups = sorted(k for k in metrics if '/' in k and k.split('/')[0] in ('accuracy', 'top1'))
+      print(f'{where}: ' + ', '.join(f'{k} {100 * metrics[k]:.1f}%' if k != 'loss' else f'loss {metrics[k]:.4f}'
+                                     for k in main) +
+            (' (' + ', '.join(f'{k.split("/", 1)[1]} {100 * metrics[k]:.1f}%' for k in groups) + ')' if groups
+             else ''))
   step, ratios = _last_update_ratios(os.path.join(workdir, 'metrics.jsonl'))
   if ratios:
     text = ' '.join(f'{tower}={ratio:.1e}' if ratio else f'{tower}=0' for tower, ratio in ratios.items())
     print(textwrap.fill(f'update / parameter norm per step (train/update_ratio, step {step}): {text}', width=100,
                         initial_indent='  ', subsequent_indent='    '))
-  files = sorted(glob.glob(os.path.join(workdir, 'predictions', f'{split}_*.jsonl')),
+
+
+def _last_predictions(workdir: str, name: str) -> list[dict]:
+  """The predictions file of evaluator `name` of the latest step."""
+  import glob
+  import json
+  import os
+  files = sorted(glob.glob(os.path.join(workdir, 'predictions', f'{name}_*.jsonl')),
                  key=lambda f: int(f.rsplit('_', 1)[1].split('.')[0]))
-  if files:
-    with open(files[-1]) as f:
-      predictions = [json.loads(line) for line in f]
-    for p in predictions[:6]:
-      mark = 'right' if vqa.exact_match(p['prediction'], p['answer']) else 'wrong'
-      print(f'  {p["question"]!r} -> {p["prediction"]!r} ({mark}; answer {p["answer"]!r})')
+  if not files:
+    return []
+  with open(files[-1]) as f:
+    return [json.loads(line) for line in f]
 
 
 def _records(source) -> list:
@@ -279,7 +313,7 @@ def probe(config, workdir: str, max_examples, from_init: bool) -> dict:
   """Linear probes of each representation (evaluators/probe.py) of the workdir's parameters: features of the first
   `max_examples` training examples (all by default) and of every evaluation example, decoded as in evaluation
   (centre crop, middle of each segment) in one ordered pass; one probe per representation and value of
-  config.eval_group_by. Prints the table, writes WORKDIR/probe.json and appends the accuracies to metrics.jsonl at
+  the evaluator's group_by. Prints the table, writes WORKDIR/probe.json and appends the accuracies to metrics.jsonl at
   the checkpoint's step (0 for an initialisation). Returns run's result."""
   import functools
   import json
@@ -299,7 +333,7 @@ def probe(config, workdir: str, max_examples, from_init: bool) -> dict:
   print(f'probing {origin} (step {step})')
   train.ensure_tokenizer(config, workdir)  # the pipeline tokenises the text even though the probes do not read it
   encode = jax.jit(functools.partial(probe_lib.representations, model))
-  group_by = config.get('eval_group_by', '')
+  group_by = next((e.group_by for e in (config.get('evals') or {}).values() if e.get('group_by')), '')
   splits = {}
   for split, limit in ((config.data.train_split, max_examples), (config.data.eval_split, None)):
     start = time.perf_counter()
@@ -342,12 +376,13 @@ def convert(config, output: str, output_format: str, num_shards: int) -> None:
   from mirasol_jax.data import tfds_source
 
   folder = sources.dataset_folder(config.data)
+  media_root = config.data.get('media_root') or None
   if output_format == 'tfds':
-    print(f'tfds dataset of {folder} -> {tfds_source.prepare(folder, output)}')
+    print(f'tfds dataset of {folder} -> {tfds_source.prepare(folder, output, media_root)}')
     return
   for split in tfds_source.SPLITS:
     if os.path.exists(os.path.join(folder, f'{split}.jsonl')):
-      paths = sources.write_array_record(folder, output, split, num_shards)
+      paths = sources.write_array_record(folder, output, split, num_shards, media_root)
       print(f'{split}: {len(paths)} ArrayRecord shards in {output}')
 
 
@@ -355,6 +390,12 @@ def main(argv):
   from absl import logging
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO; --verbosity=0 brings them back
+  if len(argv) >= 2 and argv[1] == 'tables':
+    from mirasol_jax import paper
+    if len(argv) < 3:
+      raise app.UsageError('usage: python -m mirasol_jax.main tables WORKDIR [WORKDIR ...]')
+    print(paper.markdown(paper.results(argv[2:])))
+    return
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f'usage: python -m mirasol_jax.main {{{"|".join(COMMANDS)}}} --config=FILE[:ARG]; got '
                          f'{" ".join(argv[1:]) or "no command"}')
@@ -367,7 +408,10 @@ def main(argv):
     initialize_distributed()
     from mirasol_jax import train
     start = time.perf_counter()
-    result = train.train_and_evaluate(config, _WORKDIR.value, evaluate_only=argv[1] == 'eval')
+    if argv[1] == 'eval':
+      result = train.evaluate(config, _WORKDIR.value, _STEP.value)
+    else:
+      result = train.train_and_evaluate(config, _WORKDIR.value)
     if result:
       summarize(config, _WORKDIR.value, result, time.perf_counter() - start)
   elif argv[1] == 'params':

@@ -7,9 +7,9 @@ change.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
+import shutil
 import signal
 import time
 from typing import Any, Optional
@@ -24,16 +24,15 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mirasol_jax import checkpoint
-from mirasol_jax import decoding
 from mirasol_jax import flops
 from mirasol_jax import metrics as metrics_lib
 from mirasol_jax import optimizer
 from mirasol_jax import sharding
 from mirasol_jax.data import pipeline
 from mirasol_jax.data import sources
+from mirasol_jax.data import tasks as tasks_lib
 from mirasol_jax.data import tokenizer as tokenizer_lib
-from mirasol_jax.evaluators import grounding
-from mirasol_jax.evaluators import vqa
+from mirasol_jax.evaluators import base as evaluators
 from mirasol_jax.models import mirasol
 
 
@@ -63,7 +62,8 @@ def check_config(config, num_devices: int) -> tuple[int, ...]:
 
 
 def ensure_tokenizer(config, workdir: str) -> None:
-  """config.data.tokenizer, or WORKDIR/tokenizer.model trained by process 0 from the training split.
+  """config.data.tokenizer, or WORKDIR/tokenizer.model: config.init_from's when that run has one (the decoder it
+  loads reads its token ids), else trained by process 0 on the training split(s).
 
   With config.data.require_target False (pretraining on video with sound), a training split without any text gets
   no tokenizer and config.data.tokenizer stays empty.
@@ -71,14 +71,22 @@ def ensure_tokenizer(config, workdir: str) -> None:
   if config.data.tokenizer:
     return
   path = os.path.join(workdir, 'tokenizer.model')
+  inherited = os.path.join(config.init_from, 'tokenizer.model') if config.get('init_from') else ''
+  if jax.process_index() == 0 and not os.path.exists(path) and inherited and os.path.exists(inherited):
+    # Fine-tuning: the text decoder loaded from config.init_from reads that run's token ids.
+    shutil.copyfile(inherited, path + '.tmp')
+    os.replace(path + '.tmp', path)
+    _log(f'tokenizer of {config.init_from}')
   if jax.process_index() == 0 and not os.path.exists(path):
-    source = sources.open_source(config.data, config.data.train_split)
+    names = tasks_lib.task_names(config.data) or ['']
+    task_configs = [tasks_lib.task_data(config.data, name) for name in names]
+    source = [sources.open_source(t, t.train_split) for t in task_configs]
     try:
       tokenizer_lib.train_on_source(source, config.model.vocab_size, path, config.data.get('tokenizer_type', 'bpe'))
     except tokenizer_lib.NoTextError:
       if config.data.get('require_target', True):
         raise
-      _log(f'{source!r} holds no text: no tokenizer, and no text loss')
+      _log(f'{source!r} hold no text: no tokenizer, and no text loss')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('tokenizer')
   if os.path.exists(path):
@@ -103,22 +111,80 @@ def _split_microbatches(batch, count: int):
   return jax.tree.map(lambda x: x.reshape(count, x.shape[0] // count, *x.shape[1:]), batch)
 
 
-def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dict[str, float]:
-  """Trains config.total_steps steps (resuming from workdir if it holds a checkpoint); returns the last eval.
+def _mesh(config):
+  check_config(config, jax.device_count())
+  mesh = sharding.make_mesh(config.mesh)
+  _log(f'{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), mesh '
+       f'{dict(mesh.shape)}')
+  return mesh, tuple(tuple(rule) for rule in config.axis_rules)
 
-  With evaluate_only, evaluates the workdir's latest checkpoint (or config.init_from) and returns.
+
+def evaluate(config, workdir: str, step: Optional[int] = None) -> dict[str, float]:
+  """Runs every evaluator of config.evals on the parameters of the workdir's checkpoint of `step` (the latest by
+  default; config.init_from's when the workdir has none), appends the metrics to metrics.jsonl and returns them.
+
+  Reads the parameters alone (not the optimizer state, not the data iterator), so the evaluators may read other
+  data than the run trained on (--config.data.path=...); uses the run's tokenizer; leaves config.json alone.
   """
+  mesh, rules = _mesh(config)
+  if not config.data.tokenizer:
+    path = os.path.join(workdir, 'tokenizer.model')
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{workdir} has no tokenizer.model and config.data.tokenizer is empty: which tokenizer '
+                              'did the model train with?')
+    config.unlock()
+    config.data.tokenizer = path
+    config.lock()
+  processor = pipeline.load_tokenizer(config.data, config.model)
+  model = mirasol.Model(**config.model)
+  init_batch = mirasol.example_batch(config, 1)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(lambda rng: init_params(model, rng, init_batch)[0], jax.random.PRNGKey(config.seed))
+    shardings = sharding.logical_shardings(boxed, mesh, rules)
+    abstract = checkpoint.abstract_with_shardings(sharding.box_values(boxed), shardings)
+  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    with checkpoint.manager(workdir, config.get('keep_checkpoints', 3), asynchronous=False) as mngr:
+      steps = mngr.all_steps()
+  else:
+    steps = []
+  if step is None and steps:
+    step = max(steps)
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(f'{workdir} has no checkpoint of step {step} (it has {sorted(steps) or "none"})')
+    params = checkpoint.restore_params(workdir, step, abstract)
+    _log(f'evaluating {workdir}/checkpoints/{step}')
+  elif config.init_from:
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      params = jax.jit(lambda rng: nn.unbox(init_params(model, rng, init_batch)[0]), out_shardings=shardings)(
+          jax.random.PRNGKey(config.seed))
+    params, names = load_init_from(config, params)
+    step = 0
+    _log(f'evaluating {len(names)} parameter arrays of {config.init_from}')
+  else:
+    raise FileNotFoundError(f'{workdir} holds no checkpoint to evaluate (and config.init_from is empty)')
+  evals = evaluators.build(evaluators.Context(config, model, mesh, rules, shardings, abstract, workdir, processor,
+                                              jax.process_index(), jax.process_count()))
+  if not evals:
+    raise ValueError('config.evals is empty: there is nothing to evaluate')
+  result = {}
+  for evaluator in evals.values():
+    result.update(evaluator.evaluate(params, step))
+  if jax.process_index() == 0:
+    metrics_lib.append(workdir, step, result)
+  return result
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains config.total_steps steps (resuming from workdir if it holds a checkpoint); returns the last result of
+  each evaluator that ran."""
   # ---------------------------------------------------------------------------------------------------------------
   # Processes and mesh.
   os.makedirs(workdir, exist_ok=True)
   process_index, process_count = jax.process_index(), jax.process_count()
-  check_config(config, jax.device_count())
-  mesh = sharding.make_mesh(config.mesh)
-  rules = tuple(tuple(rule) for rule in config.axis_rules)
+  mesh, rules = _mesh(config)
   batch_sharding = sharding.batch_sharding(mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
-  _log(f'{process_count} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s), mesh '
-       f'{dict(mesh.shape)}')
 
   # ---------------------------------------------------------------------------------------------------------------
   # Tokenizer and data.
@@ -128,9 +194,6 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
       f.write(config.to_json_best_effort(indent=1))
   train_iter = pipeline.build(config, config.data.train_split, process_index, process_count)
   processor = pipeline.load_tokenizer(config.data, config.model) if config.data.tokenizer else None
-  if processor is None and config.eval_every_steps > 0:
-    raise ValueError(f'config.data ({config.data.source} {config.data.path or ""}) has no text, so there is no '
-                     'answer to evaluate: set config.eval_every_steps=0')
 
   # ---------------------------------------------------------------------------------------------------------------
   # Model, optimizer and the shapes and shardings of the train state.
@@ -220,111 +283,16 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
                   for k, (shape, dtype) in mirasol.batch_shapes(config.model, config.batch_size).items()}
 
   # ---------------------------------------------------------------------------------------------------------------
-  # Evaluation: validation loss, KV-cached greedy answers, exact-match accuracy, predictions file; with
-  # config.eval_diagnostics the same for the grounding variants (evaluators/grounding.py), accuracies per value of
-  # config.eval_group_by.
-  max_new_tokens = config.get('eval_max_new_tokens', 8)
-  variants = ('plain',) + (grounding.VARIANTS if config.get('eval_diagnostics', True) else ())
-  group_by = config.get('eval_group_by', '')
+  # Evaluation: the evaluators of config.evals (mirasol_jax/evaluators), each run when it is due.
+  evals = evaluators.build(evaluators.Context(
+      config, model, mesh, rules, state_shardings['params'], abstract['params'], workdir, processor, process_index,
+      process_count))
+  active = {name: e for name, e in evals.items() if e.every() > 0}
 
-  def eval_step(params, batch):
-    """-> scalars (losses and statistics, each a mean over the batch's valid examples) and greedy answers
-    [B, len(variants), max_new_tokens].
-
-    The variants' examples are interleaved into one batch (B * 2 blanked clips through one encoding, B * 3 varied
-    latents through one teacher-forced decoding, B * len(variants) through one greedy decoding), so the variants
-    add one encoder and one decoder pass to the compiled step, not one per variant.
-    """
-    variables = {'params': params}
-    out = model.apply(variables, batch)
-    scalars = {'loss': out['losses']['total'], 'loss_text': out['losses']['text'], **out['stats']}
-    latents = [out['av_latents']]
-    if len(variants) > 1:
-      blanked = grounding.interleave([grounding.without_audio(batch), grounding.without_video(batch)])
-      _, blanked_latents = model.apply(variables, blanked, method=mirasol.Model.encode_av)
-      blanked_latents = grounding.deinterleave(blanked_latents, 2)
-      latents += [jnp.take(out['av_latents'], grounding.derangement(batch['example_mask']), axis=0),
-                  blanked_latents[:, 0], blanked_latents[:, 1]]
-      varied = grounding.interleave(latents[1:])
-      tokens = grounding.interleave([batch['text_tokens']] * (len(variants) - 1))
-      logits = model.apply(variables, tokens, varied.reshape(tokens.shape[0], -1, varied.shape[-1]),
-                           method=mirasol.Model.text_logits)
-      losses = grounding.text_losses(grounding.deinterleave(logits, len(variants) - 1), batch['text_tokens'],
-                                     batch['text_loss_mask'], batch['example_mask'])
-      scalars.update({f'{variant}/loss_text': losses[i] for i, variant in enumerate(variants[1:])})
-    text = {k: grounding.interleave([batch[k]] * len(variants)) for k in ('text_tokens', 'text_loss_mask')}
-    answers = decoding.greedy_decode(model, variables, text, max_new_tokens, tokenizer_lib.EOS_ID,
-                                     latents=grounding.interleave(latents))
-    return scalars, grounding.deinterleave(answers, len(variants))
-
-  compiled_eval_cache = []
-
-  def compiled_eval(params, batch):
-    """Compiled on first use, so that runs that never evaluate never pay for it."""
-    if not compiled_eval_cache:
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled_eval_cache.append(jax.jit(
-            eval_step, in_shardings=(state_shardings['params'], batch_sharding),
-            out_shardings=(replicated, batch_sharding)).lower(abstract['params'], batch_shapes).compile())
-    return compiled_eval_cache[0](params, batch)
-
-  eval_source = sources.open_source(config.data, config.data.eval_split)
-
-  def evaluate(params, step: int) -> dict[str, float]:
-    start = time.perf_counter()
-    sums: dict[str, float] = {}
-    rows = []
-    for host_batch in pipeline.eval_batches(config, config.data.eval_split, process_index, process_count):
-      scalars, answers = compiled_eval(params, pipeline.to_global(pipeline.model_inputs(host_batch), batch_sharding))
-      weight = float(multihost_utils.process_allgather(host_batch['example_mask'].sum()).sum())
-      for key, value in jax.device_get(scalars).items():
-        sums[key] = sums.get(key, 0.0) + float(value) * weight
-      local_answers = np.asarray(multihost_utils.global_array_to_host_local_array(answers, mesh, PartitionSpec(
-          sharding.BATCH_AXES)))
-      rows.append(np.concatenate([host_batch['index'][:, None], local_answers.reshape(len(local_answers), -1)], 1))
-    rows = np.concatenate(rows)
-    rows = np.asarray(multihost_utils.process_allgather(rows)).reshape(-1, rows.shape[-1])
-    rows = rows[rows[:, 0] >= 0]
-    count = max(len(rows), 1)
-    predictions, correct, groups = [], {variant: [] for variant in variants}, []
-    for index, *tokens in sorted(rows.tolist()):
-      record = eval_source[index]
-      answer = tokenizer_lib.target_text(record) or ''
-      texts = {variant: tokenizer_lib.decode(processor, tokens[i * max_new_tokens:(i + 1) * max_new_tokens])
-               for i, variant in enumerate(variants)}
-      for variant, text in texts.items():
-        correct[variant].append(vqa.exact_match(text, answer))
-      groups.append(record.get(group_by) if group_by else None)
-      prediction = {'id': record.get('id'), 'question': tokenizer_lib.prefix_text(record), 'answer': answer,
-                    'prediction': texts['plain']}
-      if group_by:
-        prediction[group_by] = groups[-1]
-      # A shuffled answer is about another example's clip: not kept.
-      prediction.update({f'prediction_{v}': texts[v] for v in variants if v not in ('plain', 'shuffled')})
-      predictions.append(prediction)
-    if group_by and rows.size and all(g is None for g in groups):
-      logging.warning('config.eval_group_by=%r: no %s record has that field, so there are no per-group accuracies',
-                      group_by, config.data.eval_split)
-    name = config.data.eval_split
-    result = {f'eval/{name}/{key}': value / count for key, value in sums.items()}
-    result.update({f'eval/{name}/{key}': value for key, value in grounding.accuracies(correct, groups).items()})
-    result[f'eval/{name}/examples'] = float(len(rows))
-    if process_index == 0:
-      os.makedirs(os.path.join(workdir, 'predictions'), exist_ok=True)
-      with open(os.path.join(workdir, 'predictions', f'{name}_{step}.jsonl'), 'w') as f:
-        f.writelines(json.dumps(p) + '\n' for p in predictions)
-    grounded = ', '.join(f'{grounding.LABELS[v]} {100 * result[f"eval/{name}/{v}/accuracy"]:.1f}%'
-                         for v in variants[1:])
-    _log(f'step {step}: eval on {len(rows)} {name} examples in {time.perf_counter() - start:.1f}s: accuracy '
-         f'{100 * result[f"eval/{name}/accuracy"]:.1f}%' + (f' ({grounded})' if grounded else '') +
-         f', loss {result[f"eval/{name}/loss"]:.4f}')
-    return result
-
-  if evaluate_only:
-    if latest is None and not config.init_from:
-      raise FileNotFoundError(f'{workdir} holds no checkpoint to evaluate')
-    result = evaluate(state['params'], start_step)
-    mngr.close()
+  def evaluate(due, step: int) -> dict[str, float]:
+    result = {}
+    for evaluator in due:
+      result.update(evaluator.evaluate(state['params'], step))
     return result
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -392,16 +360,18 @@ def train_and_evaluate(config, workdir: str, evaluate_only: bool = False) -> dic
       if preempted['signal'] is not None:
         _log(f'step {step}: signal {preempted["signal"]} received; checkpoint saved, stopping')
         break
-      if config.eval_every_steps > 0 and (step % config.eval_every_steps == 0 or step == config.total_steps):
+      due = [e for e in active.values() if e.due(step, config.total_steps)]
+      if due:
         if pending is not None:
           settle(pending)
           pending = None
-        last_eval = evaluate(state['params'], step)
-        writer.write(step, last_eval)
+        result = evaluate(due, step)
+        writer.write(step, result)
+        last_eval.update(result)
     if pending is not None:
       settle(pending)
-    if not last_eval and config.eval_every_steps > 0 and start_step >= config.total_steps:
-      last_eval = evaluate(state['params'], start_step)  # a finished run started again: report its result
+    if not last_eval and active and start_step >= config.total_steps:
+      last_eval = evaluate(active.values(), start_step)  # a finished run started again: report its result
   finally:
     mngr.wait_until_finished()
     mngr.close()

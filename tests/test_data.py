@@ -277,7 +277,8 @@ def test_demo_data_is_deterministic_and_needs_both_modalities(tmp_path):
     b = media.decode_frames(str(tmp_path / 'b' / example['video']), media.segment_times(0, 4, 8), 96)
     np.testing.assert_array_equal(a, b)
   # The colour question: the high tone's second is in the audio only, the colours are in the video only.
-  frames, sound, question, answer = demo_data.make_clip('colour', np.random.default_rng(3))
+  frames, sound, question, answer, captions = demo_data.make_clip('colour', np.random.default_rng(3))
+  assert len(captions) == 3 and all(answer in c for c in captions)
   seconds = sound[0].reshape(4, demo_data.SAMPLE_RATE)
   high_second = int(np.argmax(np.abs(np.fft.rfft(seconds, axis=1))[:, int(demo_data.HIGH_HZ)]))
   pixels = frames[high_second * demo_data.FPS + 2].reshape(-1, 3)

@@ -13,9 +13,13 @@ def test_normalisation_ignores_case_punctuation_articles_and_spacing():
   assert not vqa.exact_match('theatre', 'atre')  # articles only as whole words
 
 
-def test_majority_baseline():
-  best, accuracy = vqa.majority_baseline(['left', 'Left', 'right'], ['left', 'right', 'right', 'left'])
-  assert best == 'left' and accuracy == 0.5
+def test_majority_baseline_overall_and_per_group():
+  result = vqa.majority_baseline(['left', 'Left', 'right'], ['left', 'right', 'right', 'left'])
+  assert result == {'answer': 'left', 'accuracy': 0.5}
+  result = vqa.majority_baseline(['left', 'left', 'red', 'blue', 'blue'], ['right', 'left', 'blue', 'red'],
+                                 ['dir', 'dir', 'col', 'col', 'col'], ['dir', 'dir', 'col', 'col'])
+  assert result['answer'] == 'left' and result['accuracy'] == 0.25
+  assert result['accuracy/dir'] == 0.5 and result['accuracy/col'] == 0.5 and result['per_group'] == 0.5
 
 
 def _tree():

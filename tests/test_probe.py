@@ -117,7 +117,7 @@ def test_the_probe_command_on_a_trained_workdir(repo, data, tmp_path):
   for kind in kinds:  # the floor: the most common answer of the kind's first training examples
     answers = {split: [r['answer'] for r in rows if r['kind'] == kind]
                for split, rows in (('train', records['train'][:9]), ('validation', records['validation']))}
-    floor = vqa.majority_baseline(answers['train'], answers['validation'])[1]
+    floor = vqa.majority_baseline(answers['train'], answers['validation'])['accuracy']
     assert report['metrics'][f'probe/majority/accuracy/{kind}'] == pytest.approx(floor)
   lines = result.stdout.splitlines()
   header = next(i for i, line in enumerate(lines) if line.startswith('linear probes on validation'))

@@ -16,7 +16,7 @@ TINY = [
     '--config=configs/pretrain.py:size=tiny', '--config.model.vocab_size=512',
     '--config.data.source=jsonl', '--config.batch_size=4', '--config.log_every_steps=1',
     '--config.eval_every_steps=0', '--config.warmup_steps=2', '--config.lr=0.001', '--config.peak_tflops=1.0',
-    '--config.model.dtype=float32', '--config.eval_max_new_tokens=2',
+    '--config.model.dtype=float32', '--config.evals.validation.max_new_tokens=2',
     '--config.model.av.mask_ratio=0.0',  # its random draws depend on how a batch is split into micro-batches
 ]
 

@@ -12,8 +12,11 @@ noise of random level; one question per clip, of three kinds:
 * direction: the shape stands still until a single beep, then moves.
              "does the shape move left or right after the beep?" -> left | right
 
-Neither stream alone answers any question. `majority_baselines(folder)` gives the accuracy of always answering the
-most common training answer, overall and per question kind.
+Each record also has the answers of its kind as `options` (with `answer_index`), for the multiple-choice task, and
+three `captions`, descriptions of what happens in other words each ("a circle changes from red to green to blue to
+yellow", "two beeps before the green square turns white", "a blue circle moves left after a beep"), for the
+captioning task. Neither stream alone answers any question. `majority_baselines(folder)` gives the accuracy of always
+answering the most common training answer, overall and per question kind.
 
 The unlabelled set (`labelled=False`, config.data.source='demo_unlabelled') holds other clips made the same way,
 with sound and no text: what pretraining the audio-video towers reads.
@@ -22,7 +25,6 @@ with sound and no text: what pretraining the audio-video towers reads.
 """
 from __future__ import annotations
 
-import collections
 import json
 import multiprocessing
 import os
@@ -33,7 +35,7 @@ from typing import Optional
 import av
 import numpy as np
 
-VERSION = 3
+VERSION = 4
 SEED = 20241121
 NUM_TRAIN, NUM_VALIDATION = 1200, 120
 NUM_UNLABELLED = 3600  # training clips of the unlabelled set (its validation split has NUM_VALIDATION)
@@ -103,8 +105,23 @@ def _background(rng: np.random.Generator) -> np.ndarray:
   return np.clip(rng.uniform(15, 130, 3) + ramp + texture, 0, 170).astype(np.uint8)
 
 
+def _captions(kind: str, shape: str, colour: str, detail) -> list[str]:
+  """Three descriptions of what happens in a clip, in other words each (the references of the captioning task)."""
+  if kind == 'colour':
+    a, b, c, d = detail
+    return [f'a {shape} changes from {a} to {b} to {c} to {d}', f'the {shape} is {a}, then {b}, then {c}, then {d}',
+            f'a {a} {shape} turns {b}, {c} and then {d} while tones play']
+  if kind == 'count':
+    beeps = 'no beep' if detail == 'zero' else f'{detail} beep' if detail == 'one' else f'{detail} beeps'
+    return [f'a {colour} {shape} turns white after {beeps}', f'{beeps} before the {colour} {shape} turns white',
+            f'the {colour} {shape} becomes white after {beeps}']
+  return [f'a {colour} {shape} moves {detail} after a beep',
+          f'after the beep the {colour} {shape} moves to the {detail}',
+          f'the {colour} {shape} stays still, then moves {detail} when a beep sounds']
+
+
 def make_clip(kind: str, rng: np.random.Generator):
-  """-> (frames [N, SIZE, SIZE, 3] uint8, audio [1, samples] float32, question, answer)."""
+  """-> (frames [N, SIZE, SIZE, 3] uint8, audio [1, samples] float32, question, answer, captions)."""
   num_frames = int(DURATION_S * FPS)
   frames = np.zeros((num_frames, SIZE, SIZE, 3), np.uint8)
   frames[:] = _background(rng)
@@ -123,8 +140,10 @@ def make_clip(kind: str, rng: np.random.Generator):
       elif rng.uniform() < 0.6:
         _tone(audio, second + 0.2, 0.6, LOW_HZ)
     question, answer = 'what colour is the shape while the high tone plays?', segments[high]
+    colour_name, detail = '', segments
   elif kind == 'count':
-    colour = COLOURS[list(COLOURS)[int(rng.integers(4))]]
+    colour_name = list(COLOURS)[int(rng.integers(4))]
+    colour = COLOURS[colour_name]
     turn = rng.uniform(1.5, 3.5)
     count = int(rng.integers(4))
     # Keep beeps apart, so that each one can be heard (and seen in the spectrogram) on its own.
@@ -135,8 +154,10 @@ def make_clip(kind: str, rng: np.random.Generator):
     for i, t in enumerate(times):
       _draw(frames[i], x0, y0, (235, 235, 235) if t >= turn else colour, circle)
     question, answer = 'how many beeps before the shape turns white?', COUNT_WORDS[count]
+    detail = answer
   else:
-    colour = COLOURS[list(COLOURS)[int(rng.integers(4))]]
+    colour_name = list(COLOURS)[int(rng.integers(4))]
+    colour = COLOURS[colour_name]
     beep = rng.uniform(1.0, 2.5)
     direction = 'left' if rng.integers(2) else 'right'
     x_start = rng.uniform(SIZE / 2 - 10, SIZE / 2 + 10)
@@ -146,14 +167,18 @@ def make_clip(kind: str, rng: np.random.Generator):
       x = x_start + speed * max(0.0, t - beep)
       _draw(frames[i], float(np.clip(x, RADIUS, SIZE - RADIUS)), y0, colour, circle)
     question, answer = 'does the shape move left or right after the beep?', direction
+    detail = direction
   # A noise floor and a low hum, both of random level: no two clips sound alike between the tones.
   t = np.arange(len(audio)) / SAMPLE_RATE
   audio += rng.uniform(0.0, 0.08) * np.sin(2 * np.pi * rng.uniform(60, 120) * t).astype(np.float32)
   audio += rng.normal(0, rng.uniform(0.005, 0.04), audio.shape).astype(np.float32)
-  return frames, audio[None], question, answer
+  captions = _captions(kind, 'circle' if circle else 'square', colour_name, detail)
+  return frames, audio[None], question, answer, captions
 
 
 KINDS = ('colour', 'count', 'direction')
+# The answers of each question kind: the options of the multiple-choice task.
+OPTIONS = {'colour': list(COLOURS), 'count': list(COUNT_WORDS), 'direction': ['left', 'right']}
 
 
 def _write_clip(job) -> dict:
@@ -161,12 +186,13 @@ def _write_clip(job) -> dict:
   staging, labelled, split, index = job
   kind = KINDS[index % len(KINDS)]
   stream = SPLITS.index(split) + (0 if labelled else len(SPLITS))  # unlabelled clips are other clips
-  frames, audio, question, answer = make_clip(kind, np.random.default_rng([SEED, stream, index]))
+  frames, audio, question, answer, captions = make_clip(kind, np.random.default_rng([SEED, stream, index]))
   name = f'videos/{split}_{index:04d}.mp4'
   write_mp4(os.path.join(staging, name), frames, FPS, audio)
   line = dict(id=f'{split}_{index:04d}', video=name, start=0.0, end=DURATION_S)
   if labelled:
-    line.update(question=question, answer=answer, kind=kind)
+    line.update(question=question, answer=answer, kind=kind, options=OPTIONS[kind],
+                answer_index=OPTIONS[kind].index(answer), captions=captions)
   return line
 
 
@@ -211,18 +237,14 @@ def _read(folder: str, split: str) -> list[dict]:
 
 
 def majority_baselines(folder: str) -> dict[str, float]:
-  """Validation accuracy of the most common training answer: overall, and per question kind."""
+  """Validation accuracy of the most common training answer: overall, per question kind, and of the most common
+  answer of each kind over all kinds."""
+  from mirasol_jax.evaluators import vqa
   train, validation = _read(folder, 'train'), _read(folder, 'validation')
-  overall = collections.Counter(ex['answer'] for ex in train).most_common(1)[0][0]
-  result = {'overall': float(np.mean([ex['answer'] == overall for ex in validation]))}
-  per_kind_correct = []
-  for kind in KINDS:
-    best = collections.Counter(ex['answer'] for ex in train if ex['kind'] == kind).most_common(1)[0][0]
-    correct = [ex['answer'] == best for ex in validation if ex['kind'] == kind]
-    result[kind] = float(np.mean(correct))
-    per_kind_correct += correct
-  result['per_kind'] = float(np.mean(per_kind_correct))
-  return result
+  result = vqa.majority_baseline([ex['answer'] for ex in train], [ex['answer'] for ex in validation],
+                                 [ex['kind'] for ex in train], [ex['kind'] for ex in validation])
+  return {'overall': result['accuracy'], **{k: result[f'accuracy/{k}'] for k in KINDS},
+          'per_kind': result['per_group']}
 
 
 if __name__ == '__main__':

@@ -16,7 +16,10 @@ loss or metric, nothing else moves, and the run goes on. `batch['skipped']` lets
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Mapping, Optional
+import bisect
+import fractions
+import math
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import grain
 import jax
@@ -25,6 +28,7 @@ import numpy as np
 from mirasol_jax.data import audio as audio_lib
 from mirasol_jax.data import media
 from mirasol_jax.data import sources
+from mirasol_jax.data import tasks as tasks_lib
 from mirasol_jax.data import tokenizer as tokenizer_lib
 
 # Keys of a pipeline batch beyond the model's (mirasol.example_batch): the record's position in its source, and
@@ -35,9 +39,14 @@ EXTRA_KEYS = ('index', 'skipped')
 class DecodeExample(grain.transforms.RandomMap):
   """Record -> one example of a model batch (no batch axis). Random crop, frame jitter (and flip) in training."""
 
-  def __init__(self, model_config: Mapping[str, Any], data_config: Mapping[str, Any], train: bool):
+  def __init__(self, model_config: Mapping[str, Any], data_config: Mapping[str, Any], train: bool,
+               task_configs: Optional[Sequence[Mapping[str, Any]]] = None):
+    """task_configs: the prompt and target of each task of a mixture (a record's `_task` indexes them); by default
+    data_config's."""
     self._model = dict(model_config)
     self._data = dict(data_config)
+    self._tasks = [{'prompt': t.get('prompt', ''), 'target': t.get('target', '')}
+                   for t in (task_configs or [data_config])]
     self._train = train
     self._tokenizer = None  # loaded lazily, in the worker process
 
@@ -110,13 +119,15 @@ class DecodeExample(grain.transforms.RandomMap):
           waveform, bounds, m['audio_frames_per_chunk'], d.get('sample_rate', 16_000), d.get('window_ms', 25.0),
           d.get('hop_ms', 10.0), m['mel_bins'])
       example['audio_mask'] = np.array(True)
-    target = tokenizer_lib.target_text(record)
+    task = self._tasks[int(record.get('_task', 0))]
+    target = tasks_lib.target(record, task['target'], rng)
     if target is not None:
       example['text_tokens'], example['text_loss_mask'] = tokenizer_lib.encode_example(
-          self._get_tokenizer(), tokenizer_lib.prefix_text(record), target, m['max_text_len'])
+          self._get_tokenizer(), tasks_lib.prompt(record, task['prompt']), target, m['max_text_len'])
     elif d.get('require_target', True):
-      raise ValueError(f'{record.get("id")}: no target text (one of {", ".join(sources.TARGET_FIELDS)}); '
-                       'config.data.require_target=False trains on such examples without text')
+      fields = task['target'] or ', '.join(tasks_lib.TARGET_FIELDS)
+      raise ValueError(f'{record.get("id")}: no target text ({fields}); config.data.require_target=False trains '
+                       'on such examples without text')
     else:  # pretraining on video with sound: no text, nothing for the text loss
       example['text_tokens'][0] = tokenizer_lib.BOS_ID
     example['example_mask'] = np.array(True)
@@ -174,33 +185,112 @@ class _WithIndex(grain.sources.RandomAccessDataSource):
     return f'_WithIndex({self._source!r})'
 
 
+class _Mixture(grain.sources.RandomAccessDataSource):
+  """The records of several tasks' sources, one after the other, each tagged with its task (`_task`)."""
+
+  def __init__(self, task_sources: Sequence[Any]):
+    self._sources = list(task_sources)
+    self.offsets = [0]
+    for source in self._sources:
+      self.offsets.append(self.offsets[-1] + len(source))
+
+  def __len__(self):
+    return self.offsets[-1]
+
+  def __getitem__(self, key):
+    task = bisect.bisect_right(self.offsets, key) - 1
+    record = self._sources[task][key - self.offsets[task]]
+    record['_task'] = task
+    return record
+
+  def __repr__(self):
+    return f'_Mixture({self._sources!r})'
+
+
+def task_counts(weights: Sequence[float], max_period: int = 10_000) -> list[int]:
+  """Weights -> the smallest integers in the same proportions (3.0, 1.0 -> 3, 1; 0.7, 0.3 -> 7, 3), to 1/1000."""
+  total = sum(weights)
+  shares = [fractions.Fraction(w / total).limit_denominator(1000) for w in weights]
+  scale = math.lcm(*(f.denominator for f in shares))
+  counts = [int(f * scale) for f in shares]
+  divisor = math.gcd(*counts)
+  counts = [max(c // divisor, 1) for c in counts]
+  if sum(counts) > max_period:
+    raise ValueError(f'task weights {list(weights)} need a period of {sum(counts)} draws; round them')
+  return counts
+
+
+def _smooth_round_robin(counts: Sequence[int]) -> list[int]:
+  """One period of task ids, each task `counts[t]` times, spread as evenly as possible (3, 1 -> 0 0 1 0)."""
+  period, current, order = sum(counts), [0] * len(counts), []
+  for _ in range(period):
+    current = [c + n for c, n in zip(current, counts)]
+    task = current.index(max(current))
+    current[task] -= period
+    order.append(task)
+  return order
+
+
+class _Order:
+  """The global order of training records: position -> grain.RecordMetadata, the same for every process.
+
+  One task: grain's IndexSampler (a seeded shuffle, a new order every epoch). Several tasks (sizes of their
+  sources, concatenated as in _Mixture): the tasks take turns by a fixed schedule in proportion to their weights
+  (task_counts, _smooth_round_robin), and a task's n-th turn reads the n-th record of its own IndexSampler stream.
+  With `batch_turns` (the global batch size) a turn is a whole global batch (one task per step), else one
+  example. Every position is computed directly, so resuming, or changing the number of processes, gives the same
+  records.
+  """
+
+  def __init__(self, sizes: Sequence[int], weights: Sequence[float], shuffle: bool, num_epochs: Optional[int],
+               seed: int, batch_turns: int = 0):
+    self._streams = [grain.samplers.IndexSampler(n, shuffle=shuffle, num_epochs=num_epochs, seed=seed + t)
+                     for t, n in enumerate(sizes)]
+    self._offsets = [sum(sizes[:t]) for t in range(len(sizes))]
+    self._counts = task_counts(weights) if len(sizes) > 1 else [1]
+    self._schedule = _smooth_round_robin(self._counts)
+    self._turn = [self._schedule[:i].count(t) for i, t in enumerate(self._schedule)]
+    self._batch_turns = batch_turns if len(sizes) > 1 else 0
+    self.length = sizes[0] * num_epochs if num_epochs is not None and len(sizes) == 1 else None
+
+  def __getitem__(self, position: int) -> grain.RecordMetadata:
+    if self.length is not None and position >= self.length:
+      raise IndexError(position)
+    turn, within = divmod(position, self._batch_turns) if self._batch_turns else (position, 0)
+    cycle, slot = divmod(turn, len(self._schedule))
+    task = self._schedule[slot]
+    draw = cycle * self._counts[task] + self._turn[slot]
+    if self._batch_turns:
+      draw = draw * self._batch_turns + within
+    inner = self._streams[task][draw]
+    return grain.RecordMetadata(index=position, record_key=self._offsets[task] + inner.record_key, rng=inner.rng)
+
+  def __repr__(self) -> str:
+    return f'_Order({self._streams!r}, counts={self._counts}, batch_turns={self._batch_turns})'
+
+
 class GlobalBatchSlices:
   """A grain sampler giving this process its slice of every global batch.
 
-  All processes compute the same global order (grain's IndexSampler: seeded shuffle, a new order each epoch);
-  global batch i holds positions [i*B, (i+1)*B) of it, and process p reads positions p*b .. p*b + b - 1 of each,
-  b = B / process_count. Batches are therefore the same whatever the number of processes (a run can move to more
-  or fewer hosts), each process decodes only its share, and one epoch's slices are disjoint and cover every
-  record once. Random augmentation draws come from the global position, so they do not depend on the split either.
+  All processes compute the same global order (_Order); global batch i holds positions [i*B, (i+1)*B) of it, and
+  process p reads positions p*b .. p*b + b - 1 of each, b = B / process_count. Batches are therefore the same
+  whatever the number of processes (a run can move to more or fewer hosts), each process decodes only its share,
+  and one epoch's slices are disjoint and cover every record once. Random augmentation draws come from the global
+  position, so they do not depend on the split either.
   """
 
-  def __init__(self, num_records: int, global_batch: int, process_index: int, process_count: int, shuffle: bool,
-               num_epochs: Optional[int], seed: int):
-    self._inner = grain.samplers.IndexSampler(num_records, shuffle=shuffle, num_epochs=num_epochs, seed=seed)
-    self._num_records, self._num_epochs = num_records, num_epochs
+  def __init__(self, order: _Order, global_batch: int, process_index: int, process_count: int):
+    self._order = order
     self._global, self._local = global_batch, global_batch // process_count
     self._process_index = process_index
 
   def __getitem__(self, index: int) -> grain.RecordMetadata:
     batch, offset = divmod(index, self._local)
-    position = batch * self._global + self._process_index * self._local + offset
-    if self._num_epochs is not None and position >= self._num_records * self._num_epochs:
-      raise IndexError(index)
-    inner = self._inner[position]
+    inner = self._order[batch * self._global + self._process_index * self._local + offset]
     return grain.RecordMetadata(index=index, record_key=inner.record_key, rng=inner.rng)
 
   def __repr__(self) -> str:  # part of the iterator state grain checks on restore: no addresses
-    return (f'GlobalBatchSlices({self._inner!r}, global_batch={self._global}, local_batch={self._local}, '
+    return (f'GlobalBatchSlices({self._order!r}, global_batch={self._global}, local_batch={self._local}, '
             f'process_index={self._process_index})')
 
 
@@ -260,40 +350,52 @@ def per_process_batch_size(config, process_count: int) -> int:
 
 
 def build(config, split: str, process_index: int = 0, process_count: int = 1, train: Optional[bool] = None,
-          num_epochs: Optional[int] = None) -> BatchIterator:
+          num_epochs: Optional[int] = None, data=None) -> BatchIterator:
   """An iterator of this process's slice of every global batch (numpy arrays with the model's keys), with get_state /
   set_state.
 
   `train` defaults to split == 'train': shuffled with a new order every epoch, repeated forever, random crops,
-  frame jitter (and flips if config.data.random_flip). Otherwise one ordered pass, the last batch padded with masked examples.
+  frame jitter (and flips if config.data.random_flip). Otherwise one ordered pass, the last batch padded with masked
+  examples. `data` (default config.data) says what to read; a training pass over a config.data with `tasks` reads
+  each task's own train_split, mixed (see _Order).
   """
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} is not in [0, process_count={process_count})')
   train = (split == 'train') if train is None else train
-  data = config.data
-  source = _WithIndex(sources.open_source(data, split))
+  data = config.data if data is None else data
+  names = tasks_lib.task_names(data) if train else []
+  task_configs = [tasks_lib.task_data(data, name) for name in names] or [tasks_lib.task_data(data)]
+  if names:
+    task_sources = [sources.open_source(t, t.train_split) for t in task_configs]
+    weights = tasks_lib.task_weights(data)
+  else:
+    task_sources, weights = [sources.open_source(task_configs[0], split)], [1.0]
+  source = _WithIndex(_Mixture(task_sources) if names else task_sources[0])
   batch_size = per_process_batch_size(config, process_count)
   epochs = num_epochs if num_epochs is not None else (None if train else 1)
-  sampler = GlobalBatchSlices(len(source), config.batch_size, process_index, process_count, shuffle=train,
-                              num_epochs=epochs, seed=config.seed)
+  turns = config.batch_size if data.get('task_per_step', False) else 0
+  order = _Order([len(s) for s in task_sources], weights, shuffle=train, num_epochs=epochs, seed=config.seed,
+                 batch_turns=turns)
+  sampler = GlobalBatchSlices(order, config.batch_size, process_index, process_count)
   loader = grain.DataLoader(
-      data_source=source, sampler=sampler, operations=[DecodeExample(config.model, data, train)],
+      data_source=source, sampler=sampler, operations=[DecodeExample(config.model, data, train, task_configs)],
       worker_count=int(data.get('num_workers', 0)), worker_buffer_size=2, shard_options=grain.sharding.NoSharding(),
       read_options=grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * batch_size))
   return BatchIterator(loader, batch_size, drop_remainder=train)
 
 
-def num_eval_batches(config, split: str) -> int:
+def num_eval_batches(config, split: str, data=None) -> int:
   """Evaluation steps on `split`: the same for every process, whatever their number."""
-  return -(-len(sources.open_source(config.data, split)) // config.batch_size)
+  data = tasks_lib.task_data(config.data if data is None else data)
+  return -(-len(sources.open_source(data, split)) // config.batch_size)
 
 
-def eval_batches(config, split: str, process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
-  """Exactly num_eval_batches batches; a process whose slice of the last global batch is empty gets a fully masked
-  batch."""
-  iterator = build(config, split, process_index, process_count, train=False)
+def eval_batches(config, split: str, process_index: int = 0, process_count: int = 1, data=None) -> Iterator[dict]:
+  """Exactly num_eval_batches batches of `data` (default config.data, one task); a process whose slice of the last
+  global batch is empty gets a fully masked batch."""
+  iterator = build(config, split, process_index, process_count, train=False, data=data)
   blank = None
-  for _ in range(num_eval_batches(config, split)):
+  for _ in range(num_eval_batches(config, split, data)):
     batch = next(iterator, None)
     if batch is None:
       if blank is None:

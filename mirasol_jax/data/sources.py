@@ -12,7 +12,8 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any, Mapping
+import importlib
+from typing import Any, Callable, Mapping, Optional
 
 import grain
 import msgpack
@@ -21,8 +22,10 @@ MEDIA_FIELDS = ('video_path', 'video_bytes')
 TARGET_FIELDS = ('answer', 'caption', 'label')
 
 
-def parse_line(line: str, folder: str, line_number: int, split: str) -> dict[str, Any]:
-  """One jsonl line -> a record; problems become `error` instead of exceptions."""
+def parse_line(line: str, folder: str, line_number: int, split: str, media_root: Optional[str] = None
+               ) -> dict[str, Any]:
+  """One jsonl line -> a record; problems become `error` instead of exceptions. `video` is relative to media_root
+  (default: the dataset folder)."""
   where = f'{split}.jsonl:{line_number + 1}'
   try:
     raw = json.loads(line)
@@ -36,19 +39,19 @@ def parse_line(line: str, folder: str, line_number: int, split: str) -> dict[str
   if 'video' not in raw:
     record['error'] = f'{where}: missing field "video"'
   else:
-    record['video_path'] = os.path.join(folder, raw['video'])
+    record['video_path'] = os.path.join(media_root or folder, raw['video'])
   return record
 
 
 class JsonlSource(grain.sources.RandomAccessDataSource):
-  """`{folder}/{split}.jsonl` with media files relative to the folder."""
+  """`{folder}/{split}.jsonl` with media files relative to `media_root` (default: the folder)."""
 
-  def __init__(self, folder: str, split: str):
+  def __init__(self, folder: str, split: str, media_root: Optional[str] = None):
     path = os.path.join(folder, f'{split}.jsonl')
     if not os.path.exists(path):
       raise FileNotFoundError(f'{path} does not exist (config.data.path={folder!r}, split={split!r})')
     with open(path) as f:
-      self._records = [parse_line(line, folder, i, split) for i, line in enumerate(f) if line.strip()]
+      self._records = [parse_line(line, folder, i, split, media_root) for i, line in enumerate(f) if line.strip()]
     self._path = path
 
   def __len__(self) -> int:
@@ -83,11 +86,12 @@ def shard_paths(folder: str, split: str) -> list[str]:
   return sorted(glob.glob(os.path.join(folder, f'{split}.array_record-*-of-*')))
 
 
-def write_array_record(source_folder: str, output_folder: str, split: str, num_shards: int = 4) -> list[str]:
+def write_array_record(source_folder: str, output_folder: str, split: str, num_shards: int = 4,
+                       media_root: Optional[str] = None) -> list[str]:
   """Converts `{source_folder}/{split}.jsonl` and its media into `num_shards` ArrayRecord shards, in order."""
   from array_record.python import array_record_module
 
-  source = JsonlSource(source_folder, split)
+  source = JsonlSource(source_folder, split, media_root)
   os.makedirs(output_folder, exist_ok=True)
   per_shard = -(-len(source) // num_shards)
   paths = []
@@ -132,15 +136,32 @@ def dataset_folder(data_config: Mapping[str, Any]) -> str:
   return data_config['path']
 
 
+def _jsonl(data_config: Mapping[str, Any], split: str) -> JsonlSource:
+  return JsonlSource(dataset_folder(data_config), split, data_config.get('media_root') or None)
+
+
+def _array_record(data_config: Mapping[str, Any], split: str) -> ArrayRecordSource:
+  return ArrayRecordSource(dataset_folder(data_config), split)
+
+
+# config.data.source -> a function (config.data, split) -> source. A module named instead of a function is imported
+# on first use and registers its sources itself (so that this module imports none of them).
+_REGISTRY: dict[str, Any] = {
+    'jsonl': _jsonl, 'demo': _jsonl, 'demo_unlabelled': _jsonl, 'array_record': _array_record,
+    'tfds': 'mirasol_jax.data.tfds_source',
+}
+
+
+def register(name: str, open_fn: Callable[[Mapping[str, Any], str], Any]) -> None:
+  """Makes config.data.source=`name` open its splits with open_fn(config.data, split)."""
+  _REGISTRY[name] = open_fn
+
+
 def open_source(data_config: Mapping[str, Any], split: str):
-  """The source named by `config.data.source`: jsonl | demo | demo_unlabelled | array_record | tfds."""
+  """The source named by config.data.source (see _REGISTRY), for `split`."""
   kind = data_config.get('source', 'jsonl')
-  folder = dataset_folder(data_config)
-  if kind in ('jsonl', 'demo', 'demo_unlabelled'):
-    return JsonlSource(folder, split)
-  if kind == 'array_record':
-    return ArrayRecordSource(folder, split)
-  if kind == 'tfds':
-    from mirasol_jax.data import tfds_source
-    return tfds_source.open_source(folder, split)
-  raise ValueError(f'config.data.source={kind!r} is not one of jsonl, demo, demo_unlabelled, array_record, tfds')
+  if kind not in _REGISTRY:
+    raise ValueError(f'config.data.source={kind!r} is not one of {", ".join(sorted(_REGISTRY))}')
+  if isinstance(_REGISTRY[kind], str):
+    importlib.import_module(_REGISTRY[kind])
+  return _REGISTRY[kind](data_config, split)

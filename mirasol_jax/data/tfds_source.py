@@ -20,19 +20,22 @@ from mirasol_jax.data import sources
 NAME = 'mirasol_dataset'
 SPLITS = ('train', 'validation', 'test')
 TEXT_FIELDS = ('id', 'title', 'question', 'answer', 'caption', 'label', 'kind', 'error', 'video_name')
+# Fields with a feature of their own; every other field of a record travels as JSON in `extra_json`.
+_STORED = TEXT_FIELDS + ('video_bytes', 'options', 'start', 'end')
 
 
 class MirasolDataset(tfds.core.GeneratorBasedBuilder):
   """Contract-1 examples with their media bytes. Built with `prepare`, never downloaded."""
-  VERSION = tfds.core.Version('1.0.0')
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.1.0': 'every other field of a record (captions, answer_index, ...) kept in extra_json'}
 
-  def __init__(self, *, source_folder: str | None = None, **kwargs):
-    self._source_folder = source_folder
+  def __init__(self, *, source_folder: str | None = None, media_root: str | None = None, **kwargs):
+    self._source_folder, self._media_root = source_folder, media_root
     super().__init__(file_format='array_record', **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     bytes_feature = lambda: tfds.features.Tensor(shape=(), dtype=np.object_)
-    features = {name: bytes_feature() for name in TEXT_FIELDS + ('video_bytes', 'options_json')}
+    features = {name: bytes_feature() for name in TEXT_FIELDS + ('video_bytes', 'options_json', 'extra_json')}
     features.update(start=tfds.features.Scalar(dtype=np.float32), end=tfds.features.Scalar(dtype=np.float32))
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
                                  disable_shuffling=True)  # keep the jsonl order
@@ -45,20 +48,23 @@ class MirasolDataset(tfds.core.GeneratorBasedBuilder):
             if os.path.exists(os.path.join(self._source_folder, f'{split}.jsonl'))}
 
   def _generate_examples(self, split: str):
-    source = sources.JsonlSource(self._source_folder, split)
+    source = sources.JsonlSource(self._source_folder, split, self._media_root)
     for index in range(len(source)):
       record = sources.decode_record(sources.encode_record(source[index]))
       example = {name: str(record.get(name) or '').encode() for name in TEXT_FIELDS}
       example['video_bytes'] = record.get('video_bytes') or b''
       example['options_json'] = json.dumps(record['options']).encode() if record.get('options') else b''
+      extra = {k: v for k, v in record.items() if k not in _STORED}
+      example['extra_json'] = json.dumps(extra).encode() if extra else b''
       for bound in ('start', 'end'):
         example[bound] = float(record[bound]) if record.get(bound) is not None else math.nan
       yield index, example
 
 
-def prepare(folder: str, data_dir: str) -> str:
-  """Builds the TFDS dataset of `folder` under `data_dir` (a no-op if it is already there)."""
-  builder = MirasolDataset(source_folder=folder, data_dir=data_dir)
+def prepare(folder: str, data_dir: str, media_root: str | None = None) -> str:
+  """Builds the TFDS dataset of `folder` (media relative to media_root, default the folder) under `data_dir` (a
+  no-op if it is already there)."""
+  builder = MirasolDataset(source_folder=folder, media_root=media_root, data_dir=data_dir)
   builder.download_and_prepare()
   return builder.data_dir
 
@@ -83,6 +89,8 @@ class TfdsSource(grain.sources.RandomAccessDataSource):
       record['video_bytes'] = raw['video_bytes']
     if raw['options_json']:
       record['options'] = json.loads(raw['options_json'])
+    if raw['extra_json']:
+      record.update(json.loads(raw['extra_json']))
     for bound in ('start', 'end'):
       if not math.isnan(raw[bound]):
         record[bound] = float(raw[bound])
@@ -94,3 +102,6 @@ class TfdsSource(grain.sources.RandomAccessDataSource):
 
 def open_source(data_dir: str, split: str) -> TfdsSource:
   return TfdsSource(data_dir, split)
+
+
+sources.register('tfds', lambda data_config, split: TfdsSource(sources.dataset_folder(data_config), split))

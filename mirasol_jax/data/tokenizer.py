@@ -42,8 +42,10 @@ class NoTextError(ValueError):
 
 
 def train_on_source(source, vocab_size: int, path: str, model_type: str = 'bpe') -> int:
-  """Trains on every text of a source's records (see text_fields); returns the number of texts."""
-  texts = [text for i in range(len(source)) for text in text_fields(source[i])]
+  """Trains on every text of the records of a source, or of a list of sources (see text_fields); returns the
+  number of texts."""
+  sources = source if isinstance(source, (list, tuple)) else [source]
+  texts = [text for s in sources for i in range(len(s)) for text in text_fields(s[i])]
   if not texts:
     raise NoTextError(f'{source!r} has no text to train a tokenizer on')
   train(texts, vocab_size, path, model_type)
@@ -79,11 +81,12 @@ def target_text(example: Mapping[str, object]) -> Optional[str]:
 
 
 def text_fields(example: Mapping[str, object]) -> list[str]:
-  """Every text of an example, for training a tokenizer."""
+  """Every text of an example (its default prefix, every value of its target fields, several references
+  included), for training a tokenizer."""
   texts = [prefix_text(example)]
-  target = target_text(example)
-  if target is not None:
-    texts.append(target)
+  for field in TARGET_FIELDS + ('captions',):
+    value = example.get(field)
+    texts += [str(v) for v in value] if isinstance(value, (list, tuple)) else [] if value is None else [str(value)]
   return [t for t in texts if t]
 
 

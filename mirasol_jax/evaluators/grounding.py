@@ -10,8 +10,8 @@ Every evaluation (mirasol_jax/train.py) also answers each question in three vari
             training frames.
 
 A model that reads its inputs loses accuracy (and gains text loss) in each variant; one that answers from the
-question alone scores the same. Accuracies are also split by a field of the evaluation records (config.eval_group_by,
-e.g. the demo's question `kind`).
+question alone scores the same. Accuracies are also split by a field of the evaluation records (the evaluator's
+`group_by`, e.g. the demo's question `kind`).
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def metric_name(value: Any) -> str:
 def accuracies(correct: Mapping[str, Sequence[bool]], groups: Sequence[Optional[Any]]) -> dict[str, float]:
   """Exact-match accuracy of each variant ('plain' and VARIANTS), overall and per group value.
 
-  correct: variant -> one flag per example; groups: the example's value of config.eval_group_by, None to leave it
+  correct: variant -> one flag per example; groups: the example's value of the evaluator's group_by, None to leave it
   out of every group. Keys: 'accuracy', 'accuracy/<value>', '<variant>/accuracy[/<value>]' and 'examples/<value>'.
   """
   values = sorted({g for g in groups if g is not None}, key=str)

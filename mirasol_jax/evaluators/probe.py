@@ -11,13 +11,12 @@ chunk, concatenated over the T chunks so that when things happen stays visible: 
   combiner      the combiner tokens x
   av_latents    the AV latents h: what the text decoder cross-attends to
 
-For each representation and each group of questions (a value of config.eval_group_by, e.g. the demo's question
-kind; one group of all examples when it is ''), a ridge regression from standardised features to the one-hot
-answer (the normalised target text; the classes are the answers of the group's training examples) predicts the
-answer with the largest output. Its strength is chosen by cross-validation on the training features only.
-`python -m mirasol_jax.main probe` runs it on a workdir's latest checkpoint.
-"""
-from __future__ import annotations
+For each representation and each group of questions (a value of `group_by` of the first evaluator of config.evals
+that has one, e.g. the demo's question kind; one group of all examples when there is none), a ridge regression from
+standardised features to the one-hot answer (the normalised target text; the classes are the answers of the group's
+training examples) predicts the answer with the largest output. Its strength is chosen by cross-validation on the
+training features only. `python -m mirasol_jax.main probe` runs it on a workdir's latest checkpoint. """ from
+__future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
@@ -160,10 +159,10 @@ def run(train_features: Mapping[str, np.ndarray], train_answers: Sequence[str], 
         strengths: Sequence[float] = STRENGTHS) -> dict[str, Any]:
   """Probes of every representation in every group; answers are normalised (vqa.normalize) here.
 
-  Groups are the examples' values of config.eval_group_by; None is no value (every example's when it is ''), a
-  group of its own named 'none' beside named ones. Returns 'metrics': `probe/<representation>/accuracy` over all
-  evaluation examples and, when there are named groups, `probe/<representation>/accuracy/<group>`, with the same
-  for `majority` (the most common training answer of each group: the floor of a probe that reads nothing);
+  Groups are the examples' values of `group_by` (of the first evaluator of config.evals that has one); None is no
+  value (every example's when there is none), a group of its own named 'none' beside named ones. Returns
+  'metrics': `probe/<representation>/accuracy` over all evaluation examples and, when there are named groups,
+  `probe/<representation>/accuracy/<group>`, with the same for `majority` (the most common training answer of each group: the floor of a probe that reads nothing);
   'strengths': representation -> group -> the chosen strength; 'groups': group -> its examples and classes;
   'train_examples' and 'eval_examples'.
   """
@@ -186,7 +185,7 @@ def run(train_features: Mapping[str, np.ndarray], train_answers: Sequence[str], 
     groups[name if grouped else 'all'] = {'train_examples': len(train_rows), 'eval_examples': len(eval_rows),
                                           'classes': classes}
     accuracy = {'majority': vqa.majority_baseline([train_answers[i] for i in train_rows],
-                                                  [eval_answers[i] for i in eval_rows])[1]}
+                                                  [eval_answers[i] for i in eval_rows])['accuracy']}
     for key in REPRESENTATIONS:
       if len(classes) < 2:  # one answer (or none) to give: the probe is the majority answer
         accuracy[key] = accuracy['majority']

@@ -1,0 +1,75 @@
+"""Scoring given texts by the decoder's likelihood: the candidates of multiple choice and classification.
+
+Each candidate (an answer option, a class name) is written after the example's prompt, as a target would be in
+training (BOS, prompt, candidate, EOS), and scored by the log-probability the decoder gives its tokens and the EOS
+after them, teacher-forced over the example's AV latents; with `length_normalize`, divided by their number, so
+that long class names are not penalised for their length. Pure functions, meant to run inside an evaluator's
+compiled step.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mirasol_jax.data import tokenizer as tokenizer_lib
+from mirasol_jax.models import mirasol
+
+Array = jax.Array
+
+
+def encode_candidates(processor, texts: Sequence[Sequence[str]], max_candidates: int, max_len: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids of each example's candidates -> (ids [B, max_candidates, max_len] int32, lengths [B, K] int32);
+  absent candidates have length 0 (never chosen), ids past max_len are cut."""
+  ids = np.zeros((len(texts), max_candidates, max_len), np.int32)
+  lengths = np.zeros((len(texts), max_candidates), np.int32)
+  for b, candidates in enumerate(texts):
+    if len(candidates) > max_candidates:
+      raise ValueError(f'{len(candidates)} candidates but the evaluator takes at most {max_candidates}')
+    for k, text in enumerate(candidates):
+      pieces = processor.encode(str(text))[:max_len] or [tokenizer_lib.UNK_ID]
+      ids[b, k, :len(pieces)] = pieces
+      lengths[b, k] = len(pieces)
+  return ids, lengths
+
+
+def candidate_tokens(tokens: Array, prompt_len: Array, candidates: Array, lengths: Array
+                     ) -> tuple[Array, Array]:
+  """Each example's prompt followed by each of its candidates and EOS.
+
+  tokens [B, L] (the example's text; its first prompt_len [B] tokens are the prompt), candidates [B, K, Lc] with
+  lengths [B, K] -> (tokens [B, K, L], target mask [B, K, L] marking the candidate's tokens and its EOS). A
+  candidate that does not fit in L is cut, its EOS lost.
+  """
+  batch, length = tokens.shape
+  positions = jnp.arange(length)[None, None, :]  # [1, 1, L]
+  start = prompt_len[:, None, None]  # [B, 1, 1]
+  offset = positions - start
+  in_candidate = (offset >= 0) & (offset < lengths[:, :, None])
+  candidate_ids = jnp.take_along_axis(candidates, jnp.clip(offset, 0, candidates.shape[-1] - 1), axis=2)
+  prompt = jnp.broadcast_to(tokens[:, None, :], (batch, candidates.shape[1], length))
+  out = jnp.where(positions < start, prompt, tokenizer_lib.PAD_ID)
+  out = jnp.where(in_candidate, candidate_ids, out)
+  is_eos = offset == lengths[:, :, None]
+  out = jnp.where(is_eos, tokenizer_lib.EOS_ID, out)
+  mask = (in_candidate | is_eos) & (lengths[:, :, None] > 0)
+  return out.astype(jnp.int32), mask
+
+
+def log_likelihoods(model, variables, latents: Array, tokens: Array, mask: Array, length_normalize: bool) -> Array:
+  """latents [B, T, m, D] or [B, T*m, D]; tokens, mask [B, K, L] -> [B, K] log-probability of the masked tokens
+  (their mean with length_normalize); -inf for a candidate with no tokens."""
+  batch, k, length = tokens.shape
+  latents = latents.reshape(batch, -1, latents.shape[-1])
+  repeated = jnp.repeat(latents, k, axis=0)  # example b's K candidates at rows b*K .. b*K + K - 1
+  logits = model.apply(variables, tokens.reshape(batch * k, length), repeated, method=mirasol.Model.text_logits)
+  log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(log_probs, tokens.reshape(batch * k, length)[:, 1:, None], axis=-1)[..., 0]
+  weights = mask.reshape(batch * k, length)[:, 1:].astype(jnp.float32)
+  total = jnp.sum(picked * weights, axis=-1)
+  count = jnp.sum(weights, axis=-1)
+  score = total / jnp.maximum(count, 1.0) if length_normalize else total
+  return jnp.where(count > 0, score, -jnp.inf).reshape(batch, k)
