@@ -162,7 +162,8 @@ def run(train_features: Mapping[str, np.ndarray], train_answers: Sequence[str], 
   Groups are the examples' values of `group_by` (of the first evaluator of config.evals that has one); None is no
   value (every example's when there is none), a group of its own named 'none' beside named ones. Returns
   'metrics': `probe/<representation>/accuracy` over all evaluation examples and, when there are named groups,
-  `probe/<representation>/accuracy/<group>`, with the same for `majority` (the most common training answer of each group: the floor of a probe that reads nothing);
+  `probe/<representation>/accuracy/<group>`, with the same for `majority` (the most common training answer of each
+  group: the floor of a probe that reads nothing);
   'strengths': representation -> group -> the chosen strength; 'groups': group -> its examples and classes;
   'train_examples' and 'eval_examples'.
   """
