@@ -15,8 +15,9 @@ For each representation and each group of questions (a value of `group_by` of th
 that has one, e.g. the demo's question kind; one group of all examples when there is none), a ridge regression from
 standardised features to the one-hot answer (the normalised target text; the classes are the answers of the group's
 training examples) predicts the answer with the largest output. Its strength is chosen by cross-validation on the
-training features only. `python -m mirasol_jax.main probe` runs it on a workdir's latest checkpoint. """ from
-__future__ import annotations
+training features only. `python -m mirasol_jax.main probe` runs it on a workdir's latest checkpoint.
+"""
+from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
