@@ -8,6 +8,8 @@ Measured (1400 steps, seed 0, 2-core CPU): CIDEr-D 3.74, BLEU-4 0.72, ROUGE-L 0.
 answers "left" to all of them, and its captions of those clips say "left" too), as they did at 3 captions to 1
 question. Why the caption task keeps the towers from learning motion is not yet understood (README).
 """
+import os
+
 import ml_collections
 
 from mirasol_jax import config_lib
@@ -15,8 +17,10 @@ from mirasol_jax.evaluators import base as evaluators
 
 
 def get_config(arg=None):
-  config = config_lib.base_config('small', arg or 'ttm')
-  config.data = config_lib.data_config(source='demo')
+  """configs/demo.py (the main job) with the captioning task mixed in."""
+  config = config_lib.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.py') +
+                                  (f':{arg}' if arg else ''))
+  config.data.prompt, config.data.target = '', ''  # each task sets its own
   # Two tasks on the same clips: the questions, and a description of the clip (three references each). The text
   # loss averages over target tokens, and a caption has about six times the tokens of an answer: at 7 questions to
   # 1 caption, each task has about half of the text loss (at 3 to 1 the captions took two thirds of it and the
@@ -30,18 +34,5 @@ def get_config(arg=None):
       'captions': evaluators.config('caption', task='caption', max_new_tokens=20),
       'choice': evaluators.config('multiple_choice', task='qa', group_by='kind'),
   })
-  config.batch_size = 8
   config.total_steps = 1400  # 1225 batches' worth of questions, about what the one-task main job had (1200)
-  config.lr = 1e-3
-  config.warmup_steps = 50
-  config.log_every_steps = 50
-  config.eval_every_steps = 600
-  config.checkpoint_every_steps = 300
-  config.model.text.context_norm = 'tokens'
-  config.model.dtype = 'float32'  # this CPU has no bfloat16 matmul units: float32 steps are faster here
-  config.model.scan_layers = False  # on CPU, unrolled layers run about 20% faster and compile no slower
-  config.loss_weights.text = 10.0  # the paper weighs the text loss x10 when fine-tuning
-  config.loss_weights.latent = 1.0
-  config.loss_weights.video_recon = 1.0
-  config.model.latent_loss = 'contrastive'
   return config
