@@ -41,6 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from mirasol_jax import config_lib  # noqa: E402
+from mirasol_jax.paper import read_metrics  # noqa: E402  (skips a line torn by a kill)
 
 DEMO = 'configs/demo.py'
 NAMES = ('ttm', 'transformer', 'qformer', 'full_attention', 'next_chunk_on', 'next_chunk_off', 'pretrained',
@@ -112,14 +113,6 @@ def train(workdir: str, args: list[str], total_steps: int) -> dict:
   if returncode:
     record['error'] = f'failed (see {log})'
   return record
-
-
-def read_metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def step_ms(lines: list[dict], batch_size: int) -> str:

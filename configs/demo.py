@@ -1,7 +1,9 @@
-"""The main job: the `small` Mirasol model trained from scratch, every parameter, on the embedded default dataset.
+"""The questions of the main job alone: the `small` Mirasol model trained from scratch, every parameter, on the
+embedded default dataset. The main job (configs/demo_tasks.py) adds a captioning task to this; the ablations and the
+pretraining comparison in the README are measured on this one.
 
-  python -m mirasol_jax.main train --config=configs/demo.py --workdir=/tmp/mirasol_demo
-  python -m mirasol_jax.main forward --config=configs/demo.py --workdir=/tmp/mirasol_demo
+  python -m mirasol_jax.main train --config=configs/demo.py --workdir=/tmp/mirasol_qa
+  python -m mirasol_jax.main forward --config=configs/demo.py --workdir=/tmp/mirasol_qa
 
 The dataset (mirasol_jax/data/demo_data.py: 1200 training and 120 validation clips of 4 s with sound, three question
 kinds that each need picture and sound over time) is generated on first use (about 30 s on 2 cores) into

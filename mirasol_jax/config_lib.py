@@ -68,12 +68,38 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       # captions, label).
       prompt='',
       target='',
+      # A target field holding several references (a list, e.g. captions): training draws one at random each time
+      # ('random') or always reads the first ('first'). Evaluation reads the first; caption metrics all of them.
+      reference='random',
       # Several tasks mixed in training: name -> dict(weight=..., and any of source, path, media_root, train_split,
       # eval_split, prompt, target over the fields above). Empty: config.data is the one task.
       tasks=ml_collections.ConfigDict(),
       # With tasks: False mixes them within every batch, in proportion to their weights; True gives each step's
       # batch to one task, the tasks taking turns in proportion to their weights (alternating updates).
       task_per_step=False,
+      # jsonl: media must resolve (links followed) inside the dataset folder, or media_root when set; True reads
+      # media anywhere, e.g. through a link to another disk. Applies to training, evaluation and `convert`.
+      allow_outside_media=False,
+      # Bounds on one example's cost; an example over one is skipped with its reason (0 is no bound). The clip
+      # (end - start, or the whole file without them) bounds decoding time and audio memory (64 KB a second);
+      max_clip_seconds=600.0,
+      # the frame size and shape of the video bound each decoded frame and, resized by its short side, each
+      # resized one;
+      max_frame_pixels=4096 * 4096,
+      max_aspect_ratio=4.0,
+      # seconds to open and decode one example's media, checked while probing the file and after every packet and
+      # frame (PyAV cannot stop FFmpeg inside one packet);
+      decode_timeout_s=60.0,
+      # a jsonl line longer than this is a bad record (a line is held whole to parse it);
+      max_line_bytes=1 << 20,
+      # `convert` does not embed a larger media file (a shard holds each file whole).
+      max_media_bytes=1 << 30,
+      # Training stops with an error naming the most common reasons when more than max_skipped_fraction of the
+      # last skip_window examples (of this process) were skipped; before the window fills, of those read, from
+      # skip_window_min on. 1.0 never stops. Evaluation never stops: it counts unreadable examples (`skipped`).
+      max_skipped_fraction=0.5,
+      skip_window=1000,
+      skip_window_min=100,
   )
   data.update(overrides)
   return ml_collections.ConfigDict(data)

@@ -268,9 +268,9 @@ def _last_update_ratios(metrics_path: str) -> tuple[int, dict[str, float]]:
 
   last = (0, {})
   if os.path.exists(metrics_path):
-    with open(metrics_path) as f:
+    with open(metrics_path, 'rb') as f:  # bytes: a damaged line need not be UTF-8
       for line in f:
-        if metrics.step_of(line) is None:  # blank, or torn by a kill
+        if metrics.step_of(line) is None:  # blank, torn by a kill, or damaged
           continue
         scalars = json.loads(line)
         ratios = {tower: scalars[f'train/update_ratio/{tower}'] for tower in mirasol.TOWERS
@@ -281,24 +281,21 @@ def _last_update_ratios(metrics_path: str) -> tuple[int, dict[str, float]]:
 
 
 def _probe_params(config, model, workdir: str, from_init: bool):
-  """The parameters to probe, their step and where they come from: the workdir's latest checkpoint, else what a
-  run of the config starts from (config.init_from over the random initialisation, or with --probe_init the
+  """The parameters to probe, their step and where they come from: the workdir's newest checkpoint that reads, else
+  what a run of the config starts from (config.init_from over the random initialisation, or with --probe_init the
   random initialisation alone: the same values as the trainer's, from config.seed)."""
-  import os
   import flax.linen as nn
   import jax
   from mirasol_jax import checkpoint
   from mirasol_jax import train
   from mirasol_jax.models import mirasol
 
-  step = None
-  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    with checkpoint.manager(workdir, config.get('keep_checkpoints', 3), asynchronous=False) as mngr:
-      step = mngr.latest_step()
-  if step is not None:
+  steps = checkpoint.saved_steps(checkpoint.checkpoints_folder(workdir))
+  if steps:
     if from_init:
-      raise app.UsageError(f'--probe_init probes a workdir without checkpoint; {workdir} holds step {step}')
-    return checkpoint.read_params(workdir, step), step, f'{workdir}/checkpoints/{step}'
+      raise app.UsageError(f'--probe_init probes a workdir without checkpoint; {workdir} holds step {steps[-1]}')
+    step, params = checkpoint.newest_params(workdir)  # passes over damaged newer ones, with a warning
+    return params, step, f'{workdir}/checkpoints/{step}'
   if not (config.init_from or from_init):
     raise app.UsageError(f'{workdir} holds no checkpoint to probe (--probe_init probes the random initialisation)')
   batch = mirasol.example_batch(config, 1)
@@ -371,18 +368,25 @@ def train_tokenizer(config, workdir) -> str:
 
 
 def convert(config, output: str, output_format: str, num_shards: int) -> None:
+  """Writes every split of the dataset folder into `output`, replacing an earlier conversion there (its stale
+  shards would otherwise be read beside the new ones). Media outside the dataset folder (unless
+  config.data.allow_outside_media), files that are not regular files and files over config.data.max_media_bytes
+  are not embedded: their records keep the error, and the pipeline skips them."""
   import os
   from mirasol_jax.data import sources
   from mirasol_jax.data import tfds_source
 
   folder = sources.dataset_folder(config.data)
   media_root = config.data.get('media_root') or None
+  allow_outside = bool(config.data.get('allow_outside_media', False))
+  max_bytes = int(config.data.get('max_media_bytes', 0))
   if output_format == 'tfds':
-    print(f'tfds dataset of {folder} -> {tfds_source.prepare(folder, output, media_root)}')
+    path = tfds_source.prepare(folder, output, media_root, allow_outside, max_bytes, overwrite=True)
+    print(f'tfds dataset of {folder} -> {path}')
     return
   for split in tfds_source.SPLITS:
     if os.path.exists(os.path.join(folder, f'{split}.jsonl')):
-      paths = sources.write_array_record(folder, output, split, num_shards, media_root)
+      paths = sources.write_array_record(folder, output, split, num_shards, media_root, allow_outside, max_bytes)
       print(f'{split}: {len(paths)} ArrayRecord shards in {output}')
 
 

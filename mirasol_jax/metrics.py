@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any, Mapping, Optional
@@ -14,19 +15,21 @@ import optax
 from mirasol_jax.models import mirasol
 
 
-def step_of(line: str) -> Optional[int]:
-  """The step of a metrics.jsonl line; None for a blank line or the torn last line of a killed run."""
+def step_of(line: str | bytes) -> Optional[int]:
+  """The step of a metrics.jsonl line; None for a blank line, the torn last line of a killed run, or garbage a crash
+  left (bytes that need not even be UTF-8: read the file as bytes)."""
   try:
     return int(json.loads(line)['step'])
-  except (ValueError, KeyError, TypeError):
+  except (ValueError, KeyError, TypeError, OverflowError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
     return None
 
 
 class Writer:
   """Writes scalars to workdir/metrics.jsonl (one flat JSON object a line) and TensorBoard event files.
 
-  Only process 0 writes. A resumed run appends, first dropping lines of steps after the restored step (and a line
-  torn by a kill), so that the file never holds two values for one step.
+  Only process 0 writes. A resumed run appends, first dropping lines of steps after the restored step, so that the
+  file never holds two values for one step, and any line that is not a whole JSON object with a step (the last line
+  of a killed run, torn; garbage from a crash), with a warning.
   """
 
   def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
@@ -36,10 +39,16 @@ class Writer:
     if not enabled:
       return
     if os.path.exists(self._jsonl):
-      with open(self._jsonl) as f:
-        kept = [line for line in f if step_of(line) is not None and step_of(line) <= resume_step]
+      with open(self._jsonl, 'rb') as f:
+        lines = f.read().split(b'\n')
+      steps = [step_of(line) for line in lines]
+      kept = [line + b'\n' for line, step in zip(lines, steps) if step is not None and step <= resume_step]
+      unreadable = [i + 1 for i, (line, step) in enumerate(zip(lines, steps)) if step is None and line.strip()]
+      if unreadable:
+        logging.warning('%s: dropped line(s) %s, which are not whole metrics (torn by a kill, or damaged)', self._jsonl,
+                        ', '.join(map(str, unreadable)))
       # Replaced in one rename: a run killed here keeps the old file or the new one, never half of either.
-      with open(self._jsonl + '.tmp', 'w') as f:
+      with open(self._jsonl + '.tmp', 'wb') as f:
         f.writelines(kept)
       os.replace(self._jsonl + '.tmp', self._jsonl)
     from tensorboardX import SummaryWriter

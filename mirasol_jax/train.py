@@ -120,8 +120,9 @@ def _mesh(config):
 
 
 def evaluate(config, workdir: str, step: Optional[int] = None) -> dict[str, float]:
-  """Runs every evaluator of config.evals on the parameters of the workdir's checkpoint of `step` (the latest by
-  default; config.init_from's when the workdir has none), appends the metrics to metrics.jsonl and returns them.
+  """Runs every evaluator of config.evals on the parameters of the workdir's checkpoint of `step` (by default the
+  newest that reads; config.init_from's when the workdir has none), appends the metrics to metrics.jsonl and returns
+  them.
 
   Reads the parameters alone (not the optimizer state, not the data iterator), so the evaluators may read other
   data than the run trained on (--config.data.path=...); uses the run's tokenizer; leaves config.json alone.
@@ -142,17 +143,11 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict[str, floa
     boxed = jax.eval_shape(lambda rng: init_params(model, rng, init_batch)[0], jax.random.PRNGKey(config.seed))
     shardings = sharding.logical_shardings(boxed, mesh, rules)
     abstract = checkpoint.abstract_with_shardings(sharding.box_values(boxed), shardings)
-  if os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    with checkpoint.manager(workdir, config.get('keep_checkpoints', 3), asynchronous=False) as mngr:
-      steps = mngr.all_steps()
-  else:
-    steps = []
-  if step is None and steps:
-    step = max(steps)
   if step is not None:
-    if step not in steps:
-      raise FileNotFoundError(f'{workdir} has no checkpoint of step {step} (it has {sorted(steps) or "none"})')
     params = checkpoint.restore_params(workdir, step, abstract)
+  elif checkpoint.saved_steps(checkpoint.checkpoints_folder(workdir)):
+    step, params = checkpoint.newest_params(workdir, abstract)  # passes over damaged newer ones, with a warning
+  if step is not None:
     _log(f'evaluating {workdir}/checkpoints/{step}')
   elif config.init_from:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -215,11 +210,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   _log(f'model: {num_params:,} parameters')
 
   # ---------------------------------------------------------------------------------------------------------------
-  # Restore: this workdir's latest checkpoint, else a sharded init (with selected parameters of another run).
-  mngr = checkpoint.manager(workdir, config.get('keep_checkpoints', 3))
-  latest = mngr.latest_step()
+  # Restore: this workdir's newest checkpoint that restores (damaged newer ones are set aside), else a sharded init
+  # (with selected parameters of another run). Process 0 deletes the temporary folders of interrupted saves.
+  mngr = checkpoint.manager(workdir, config.get('keep_checkpoints', 3), clean_temporary=True)
+  latest, state = checkpoint.resume(mngr, workdir, abstract, train_iter)
   if latest is not None:
-    state = checkpoint.restore(mngr, latest, abstract, train_iter)
     _log(f'resumed from {workdir}/checkpoints/{latest}')
   else:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -314,6 +309,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   history: dict[str, clu_metrics.Average] = {}  # per-step scalars averaged over each logging interval
   last_eval: dict[str, float] = {}
   pending: Optional[tuple[int, Any]] = None
+  saved_step = start_step  # the newest checkpoint of this run, or 0 for none
+  data_state = None
   started = time.perf_counter()
 
   def settle(pending) -> None:
@@ -342,7 +339,24 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   try:
     for step in range(start_step + 1, config.total_steps + 1):
-      host_batch = next(train_iter)
+      try:
+        host_batch = next(train_iter)
+      except Exception as error:
+        if preempted['signal'] is None:
+          raise
+        # The signal reached the data workers too (a whole process group signalled, a worker killed beside the
+        # trainer): save the last completed step with the iterator state from before this batch, so that a resumed
+        # run reads this batch again and goes on exactly as an uninterrupted one.
+        if pending is not None:
+          settle(pending)
+          pending = None
+        if step - 1 != saved_step:
+          checkpoint.save(mngr, step - 1, state, data_state, config)
+        _log(f'step {step - 1}: signal {preempted["signal"]} received; '
+             f'{"checkpoint saved" if step > 1 else "nothing to save"}, stopping (the data pipeline failed with it: '
+             f'{type(error).__name__}: {error})')
+        break
+      data_state = checkpoint.IteratorSnapshot(train_iter)  # after this step's batch: where a resume reads on
       skipped = int(host_batch['skipped'].sum())
       if skipped:
         logging.warning('step %d: %d examples of this process\'s batch could not be read (see the warnings above; '
@@ -357,6 +371,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         settle(pending)  # never checkpoint a state whose loss was not finite
         pending = None
         checkpoint.save(mngr, step, state, train_iter, config)
+        saved_step = step
       if preempted['signal'] is not None:
         _log(f'step {step}: signal {preempted["signal"]} received; checkpoint saved, stopping')
         break

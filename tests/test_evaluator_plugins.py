@@ -87,6 +87,10 @@ def test_task_prompts_targets_and_references():
   assert tasks.target(record, 'captions') == 'one caption'  # evaluation: the first reference
   drawn = {tasks.target(record, 'captions', np.random.default_rng(seed)) for seed in range(20)}
   assert drawn == {'one caption', 'another'}  # training: any reference
+  first = {tasks.target(record, 'captions', np.random.default_rng(seed), 'first') for seed in range(20)}
+  assert first == {'one caption'}  # training on the first reference only
+  with pytest.raises(ValueError, match='reference'):
+    tasks.target(record, 'captions', np.random.default_rng(0), 'longest')
   assert tasks.target(record, 'caption') is None
   with pytest.raises(ValueError, match='prompt template'):
     tasks.prompt(record, '{question')

@@ -9,12 +9,19 @@
 that resumes exactly. Training repeats forever with a reshuffle every epoch; evaluation reads each example once,
 in order, and pads the last batch with `example_mask=False`.
 
-An example that cannot be read (missing or corrupt file, `start` past the end, a bad jsonl line) is logged with its
-file and reason and kept in place as a masked example (`example_mask=False`, `skipped=True`): it adds nothing to any
-loss or metric, nothing else moves, and the run goes on. `batch['skipped']` lets the trainer count them.
+An example that cannot be read (missing or corrupt file, `start` past the end, a bad jsonl line, a field of the wrong
+type, media outside the dataset folder, a file over a limit of config.data) is logged with its file and reason and
+kept in place as a masked example (`example_mask=False`, `skipped=True`, `skip_reason` its code in SKIP_REASONS): it
+adds nothing to any loss or metric, nothing else moves, and the run goes on. No error of one record escapes
+DecodeExample.decode; only errors of the config do (a tokenizer that cannot be loaded). The reason codes travel
+in the batch, so the main process sees them whatever the number of grain workers; in training, BatchIterator stops
+the run when too many recent examples were skipped (SkipBudget, config.data.max_skipped_fraction), naming the most
+common reasons: a dataset whose files are all missing would otherwise train on masked batches with a loss of 0.
 """
 from __future__ import annotations
 
+import collections
+import json
 import logging
 import bisect
 import fractions
@@ -25,15 +32,63 @@ import grain
 import jax
 import numpy as np
 
+from mirasol_jax import preemption
 from mirasol_jax.data import audio as audio_lib
 from mirasol_jax.data import media
 from mirasol_jax.data import sources
 from mirasol_jax.data import tasks as tasks_lib
 from mirasol_jax.data import tokenizer as tokenizer_lib
 
-# Keys of a pipeline batch beyond the model's (mirasol.example_batch): the record's position in its source, and
-# whether it was skipped.
-EXTRA_KEYS = ('index', 'skipped')
+# Keys of a pipeline batch beyond the model's (mirasol.example_batch): the record's position in its source, whether
+# it was skipped, and why (a code of SKIP_REASONS; 0 for an example that was read).
+EXTRA_KEYS = ('index', 'skipped', 'skip_reason')
+
+# Why an example was skipped: the kinds of sources' error records (`error_kind`) and of media.MediaError (`reason`).
+# An example's `skip_reason` is 1 + the position of its kind here.
+SKIP_REASONS = {
+    'bad_record': 'the record itself is unusable (bad JSON or bytes, a missing or wrongly typed field)',
+    'outside_dataset': 'its media resolve outside the dataset folder (config.data.allow_outside_media)',
+    'missing_file': 'its media file does not exist',
+    'not_regular_file': 'its media path is a folder, a named pipe or a device',
+    'unreadable_file': 'its media file cannot be opened',
+    'undecodable': 'its media cannot be decoded (corrupt, truncated, no video stream)',
+    'clip_bounds': 'start / end make no clip of the file (negative, past its end, end before start)',
+    'too_long': 'the clip is longer than config.data.max_clip_seconds',
+    'too_large': 'the frames are over config.data.max_frame_pixels or max_aspect_ratio (or the file over '
+                 'max_media_bytes when converted)',
+    'timeout': 'decoding took longer than config.data.decode_timeout_s',
+    'no_target': 'no target text while config.data.require_target',
+    'unexpected': 'an unexpected error (its traceback is logged)',
+}
+SKIP_CODES = {name: code for code, name in enumerate(SKIP_REASONS, start=1)}
+
+
+class RecordError(ValueError):
+  """A record that cannot become an example; `reason` is one of SKIP_REASONS."""
+
+  def __init__(self, message: str, reason: str = 'bad_record'):
+    super().__init__(message)
+    self.reason = reason
+
+
+def _number(record: Mapping[str, Any], name: str) -> Optional[float]:
+  """A clip bound of a record in seconds, or None; sources check types, this checks again for any other caller."""
+  value = record.get(name)
+  if value is None:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    raise RecordError(f'{record.get("id")}: "{name}" must be a number of seconds, not {value!r:.40}')
+  try:
+    value = float(value)
+  except OverflowError:
+    value = math.inf
+  if not math.isfinite(value):
+    raise RecordError(f'{record.get("id")}: "{name}" must be a finite number of seconds, not {value}')
+  return value
+
+
+class _ConfigError(Exception):
+  """Carries (as its cause) an error of the config met while decoding a record, past the per-record guard."""
 
 
 class DecodeExample(grain.transforms.RandomMap):
@@ -45,9 +100,10 @@ class DecodeExample(grain.transforms.RandomMap):
     data_config's."""
     self._model = dict(model_config)
     self._data = dict(data_config)
-    self._tasks = [{'prompt': t.get('prompt', ''), 'target': t.get('target', '')}
-                   for t in (task_configs or [data_config])]
+    self._tasks = [{'prompt': t.get('prompt', ''), 'target': t.get('target', ''),
+                    'reference': t.get('reference', 'random')} for t in (task_configs or [data_config])]
     self._train = train
+    self._limits = media.MediaLimits.from_config(data_config)
     self._tokenizer = None  # loaded lazily, in the worker process
 
   def blank_example(self) -> dict[str, np.ndarray]:
@@ -67,6 +123,7 @@ class DecodeExample(grain.transforms.RandomMap):
         'text_loss_mask': np.zeros(m['max_text_len'], bool),
         'example_mask': np.array(False),
         'skipped': np.array(False),
+        'skip_reason': np.array(0, np.int8),
     }
 
   def random_map(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -76,33 +133,65 @@ class DecodeExample(grain.transforms.RandomMap):
     return self.decode(record, None)
 
   def decode(self, record: Mapping[str, Any], rng: Optional[np.random.Generator]) -> dict[str, np.ndarray]:
-    index = int(record.get('_index', -1))
+    """The example of a record, or a blank one with its skip reason: no error of the record escapes (an unforeseen
+    one is logged with its traceback as 'unexpected'), so one bad record costs one example, never the run."""
+    index = record.get('_index', -1) if isinstance(record, Mapping) else -1
+    index = index if isinstance(index, int) else -1
     try:
       example = self._decode(record, rng)
-    except (media.MediaError, KeyError, ValueError) as e:
-      logging.warning('skipping example %s (record %d): %s', record.get('id'), index, e)
-      example = self._blank()
-      example['skipped'] = np.array(True)
+    except _ConfigError as e:
+      raise e.__cause__ from None  # the config's error, not the record's: it ends the run
+    except (media.MediaError, RecordError) as e:
+      logging.warning('skipping example %s (record %d): %s', _name(record), index, e)
+      example = self._skipped(e.reason)
+    except Exception as e:  # pylint: disable=broad-except
+      logging.exception('skipping example %s (record %d): unexpected %s: %s', _name(record), index,
+                        type(e).__name__, e)
+      example = self._skipped('unexpected')
     example['index'] = np.array(index, np.int64)
     return example
 
-  def _decode(self, record: Mapping[str, Any], rng: Optional[np.random.Generator]) -> dict[str, np.ndarray]:
-    if 'error' in record:
-      raise ValueError(record['error'])
-    source = record['video_bytes'] if 'video_bytes' in record else record['video_path']
-    with media.MediaFile(source) as media_file:
-      return self._decode_media(record, media_file, rng)
+  def _skipped(self, reason: str) -> dict[str, np.ndarray]:
+    example = self._blank()
+    example['skipped'] = np.array(True)
+    example['skip_reason'] = np.array(SKIP_CODES.get(reason, SKIP_CODES['unexpected']), np.int8)
+    return example
 
-  def _decode_media(self, record, media_file: media.MediaFile, rng) -> dict[str, np.ndarray]:
+  def _decode(self, record: Mapping[str, Any], rng: Optional[np.random.Generator]) -> dict[str, np.ndarray]:
+    if not isinstance(record, Mapping):
+      raise RecordError(f'a record must be a map, not {type(record).__name__}')
+    if 'error' in record:
+      raise RecordError(str(record['error']), str(record.get('error_kind') or 'bad_record'))
+    source = record['video_bytes'] if 'video_bytes' in record else record.get('video_path')
+    if not isinstance(source, (bytes, str)):
+      raise RecordError(f'{record.get("id")}: no media (a video_path or video_bytes)')
+    start, end = _number(record, 'start'), _number(record, 'end')
+    start = start or 0.0
+    if start < 0:
+      raise RecordError(f'{_name(record)}: start {start:.2f}s is negative', 'clip_bounds')
+    if end is not None and end <= start:
+      raise RecordError(f'{_name(record)}: end {end:.2f}s <= start {start:.2f}s', 'clip_bounds')
+    task = self._tasks[int(record.get('_task', 0))]
+    if not tasks_lib.references(record, task['target']) and self._data.get('require_target', True):
+      fields = task['target'] or ', '.join(tasks_lib.TARGET_FIELDS)
+      raise RecordError(f'{record.get("id")}: no target text ({fields}); config.data.require_target=False trains '
+                        'on such examples without text', 'no_target')
+    with media.MediaFile(source, self._limits) as media_file:
+      return self._decode_media(record, media_file, start, end, rng)
+
+  def _decode_media(self, record, media_file: media.MediaFile, start: float, end: Optional[float],
+                    rng) -> dict[str, np.ndarray]:
     m, d = self._model, self._data
     info = media_file.info
-    start = float(record.get('start') or 0.0)
-    end = min(float(record['end']) if record.get('end') is not None else info.duration, info.duration)
+    end = min(end if end is not None else info.duration, info.duration)
     if start >= info.duration:
-      raise media.MediaError(f'{record.get("video_path", record.get("id"))}: start {start:.2f}s is beyond the end '
-                             f'of the file ({info.duration:.2f}s)')
+      raise RecordError(f'{_name(record)}: start {start:.2f}s is beyond the end of the file ({info.duration:.2f}s)',
+                        'clip_bounds')
     if end <= start:
-      raise media.MediaError(f'{record.get("video_path", record.get("id"))}: end {end:.2f}s <= start {start:.2f}s')
+      raise RecordError(f'{_name(record)}: end {end:.2f}s <= start {start:.2f}s', 'clip_bounds')
+    if self._limits.max_clip_seconds and end - start > self._limits.max_clip_seconds:
+      raise RecordError(f'{_name(record)}: a clip of {end - start:.1f}s (the file claims {info.duration:.1f}s), over '
+                        f'config.data.max_clip_seconds={self._limits.max_clip_seconds}', 'too_long')
     t, n = m['num_chunks'], m['num_frames']
     height, width = m['image_size']
     short_side = max(height, width)
@@ -120,28 +209,34 @@ class DecodeExample(grain.transforms.RandomMap):
           d.get('hop_ms', 10.0), m['mel_bins'])
       example['audio_mask'] = np.array(True)
     task = self._tasks[int(record.get('_task', 0))]
-    target = tasks_lib.target(record, task['target'], rng)
+    target = tasks_lib.target(record, task['target'], rng, task['reference'])
     if target is not None:
       example['text_tokens'], example['text_loss_mask'] = tokenizer_lib.encode_example(
           self._get_tokenizer(), tasks_lib.prompt(record, task['prompt']), target, m['max_text_len'])
-    elif d.get('require_target', True):
-      fields = task['target'] or ', '.join(tasks_lib.TARGET_FIELDS)
-      raise ValueError(f'{record.get("id")}: no target text ({fields}); config.data.require_target=False trains '
-                       'on such examples without text')
-    else:  # pretraining on video with sound: no text, nothing for the text loss
+    else:  # pretraining on video with sound (config.data.require_target=False): no text, nothing for the text loss
       example['text_tokens'][0] = tokenizer_lib.BOS_ID
     example['example_mask'] = np.array(True)
     return example
 
   def _get_tokenizer(self):
     if self._tokenizer is None:
-      self._tokenizer = load_tokenizer(self._data, self._model)
+      try:
+        self._tokenizer = load_tokenizer(self._data, self._model)
+      except Exception as e:
+        raise _ConfigError() from e
     return self._tokenizer
 
   def __getstate__(self):
     state = dict(self.__dict__)
     state['_tokenizer'] = None
     return state
+
+
+def _name(record: Any) -> str:
+  """The record's media path, else its id, for messages."""
+  if not isinstance(record, Mapping):
+    return repr(record)[:80]
+  return str(record.get('video_path') or record.get('id'))[:300]
 
 
 def load_tokenizer(data_config: Mapping[str, Any], model_config: Mapping[str, Any]):
@@ -168,7 +263,12 @@ def _crop(frames: np.ndarray, height: int, width: int, rng: Optional[np.random.G
 
 
 class _WithIndex(grain.sources.RandomAccessDataSource):
-  """Tags each record with its position in the source, so that a batch can name its examples."""
+  """Tags each record with its position in the source, so that a batch can name its examples.
+
+  It also makes any source safe to read: a record the source fails to give, or gives as something other than a
+  map, becomes an error record, and every record's types are checked (sources.check_record). The source is read
+  in grain's workers, before DecodeExample's guard, where an exception would end the run.
+  """
 
   def __init__(self, source):
     self._source = source
@@ -177,7 +277,13 @@ class _WithIndex(grain.sources.RandomAccessDataSource):
     return len(self._source)
 
   def __getitem__(self, index):
-    record = self._source[index]
+    where = f'record {index}'
+    try:
+      record = self._source[index]
+    except Exception as e:  # pylint: disable=broad-except
+      record = {'error': f'{where}: the source failed to read it ({type(e).__name__}: {e})'[:500],
+                'error_kind': 'bad_record'}
+    record = sources.check_record(record, where)
     record['_index'] = int(index)
     return record
 
@@ -306,16 +412,92 @@ def _collate(examples, batch_size: int) -> dict[str, np.ndarray]:
   return batch
 
 
+class SkipBudgetExceeded(RuntimeError):
+  """More of the recent training examples were skipped than config.data.max_skipped_fraction allows."""
+
+
+class SkipBudget:
+  """Counts the skipped examples among the last `window` read, and raises SkipBudgetExceeded when they are more
+  than `max_fraction` of them (of those read so far before the window fills, from `min_examples` on, so that a few
+  bad examples at the start do not stop a run). The message names the most common reasons with example records.
+  """
+
+  def __init__(self, max_fraction: float, window: int, min_examples: int):
+    self._max_fraction, self._min_examples = max_fraction, min(min_examples, window)
+    self._recent: collections.deque = collections.deque(maxlen=window)  # (skip reason code, record index)
+    self._skipped = 0
+
+  @classmethod
+  def from_config(cls, data_config: Mapping[str, Any]) -> Optional['SkipBudget']:
+    fraction = float(data_config.get('max_skipped_fraction', 1.0))
+    if fraction >= 1.0:
+      return None  # nothing can exceed it
+    return cls(fraction, int(data_config.get('skip_window', 1000)), int(data_config.get('skip_window_min', 100)))
+
+  def add(self, reasons: np.ndarray, indices: np.ndarray) -> None:
+    for code, index in zip(reasons.tolist(), indices.tolist()):
+      if len(self._recent) == self._recent.maxlen and self._recent[0][0]:
+        self._skipped -= 1
+      self._recent.append((code, index))
+      self._skipped += bool(code)
+    read = len(self._recent)
+    if read >= self._min_examples and self._skipped > self._max_fraction * read:
+      raise SkipBudgetExceeded(self.report())
+
+  def report(self) -> str:
+    names = list(SKIP_REASONS)
+    by_reason = collections.defaultdict(list)
+    for code, index in self._recent:
+      if code:
+        by_reason[names[code - 1] if 0 < code <= len(names) else 'unexpected'].append(index)
+    lines = [f'{self._skipped} of the last {len(self._recent)} training examples could not be read, more than '
+             f'config.data.max_skipped_fraction={self._max_fraction} of them. Most common reasons:']
+    for name, indices in sorted(by_reason.items(), key=lambda item: -len(item[1]))[:5]:
+      examples = ', '.join(str(i) for i in list(dict.fromkeys(indices))[:5])
+      lines.append(f'  {name} ({len(indices)}): {SKIP_REASONS[name]}; e.g. records {examples}')
+    lines.append('Each skipped example was logged with its file and reason. Fix the data, or raise '
+                 'config.data.max_skipped_fraction (1.0 never stops).')
+    return '\n'.join(lines)
+
+
+def _state_for_workers(state: bytes, worker_count: int) -> bytes:
+  """A grain DataLoader state saved with any number of workers, for a loader of `worker_count` workers.
+
+  Grain's state holds, per worker, the last index it gave (workers take the sampler's indices in turn), and grain
+  refuses a state of another worker count. Batches are formed in this process from the examples in sampler order,
+  so the state is only a position: the number of examples read, the sum of what each worker gave. That position is
+  written back as the state `worker_count` workers would have after reading as many. The loaders of `build` read one
+  shard (NoSharding), which these formulas assume; the sampler and source that grain checks are kept.
+  """
+  saved = json.loads(state.decode())
+  if int(saved['worker_count']) == worker_count:
+    return state
+  slots = max(int(saved['worker_count']), 1)
+  last_seen = saved['last_seen_indices']
+  position = sum((int(last_seen[str(i)]) + slots - i) // slots for i in range(slots))
+  slots = max(worker_count, 1)
+  given = [max(0, -(-(position - i) // slots)) for i in range(slots)]  # what worker i has given
+  saved['worker_count'] = worker_count
+  saved['last_seen_indices'] = {str(i): i + (given[i] - 1) * slots for i in range(slots)}
+  saved['last_worker_index'] = position % slots - 1 if worker_count else -1
+  return json.dumps(saved, indent=4).encode()
+
+
 class BatchIterator:
   """Batches of a grain DataLoader's examples, formed in this process.
 
   Batching here rather than in grain's workers keeps the batches the same whatever `num_workers` is, so a run may
-  resume with another worker count. Its state is the loader's, always taken between two batches.
+  resume with another worker count (set_state translates grain's per-worker state). Its state is the loader's,
+  always taken between two batches. With a `skip_budget` (training), each batch's skip reasons are counted and
+  too many stop the run (SkipBudget); the count restarts on resume.
   """
 
-  def __init__(self, loader: grain.DataLoader, batch_size: int, drop_remainder: bool):
+  def __init__(self, loader: grain.DataLoader, batch_size: int, drop_remainder: bool,
+               skip_budget: Optional[SkipBudget] = None):
     self._iterator = iter(loader)
+    self._worker_count = int(loader.multiprocessing_options.num_workers)
     self._batch_size, self._drop_remainder = batch_size, drop_remainder
+    self._skip_budget = skip_budget
 
   def __iter__(self):
     return self
@@ -328,13 +510,16 @@ class BatchIterator:
         break
     if not examples or (self._drop_remainder and len(examples) < self._batch_size):
       raise StopIteration
-    return _collate(examples, self._batch_size)
+    batch = _collate(examples, self._batch_size)
+    if self._skip_budget is not None:
+      self._skip_budget.add(batch['skip_reason'], batch['index'])
+    return batch
 
   def get_state(self) -> bytes:
     return self._iterator.get_state()
 
   def set_state(self, state: bytes) -> None:
-    self._iterator.set_state(state)
+    self._iterator.set_state(_state_for_workers(state, self._worker_count))
 
   def start_prefetch(self) -> None:
     """Called by grain's checkpoint handler after a restore."""
@@ -378,10 +563,12 @@ def build(config, split: str, process_index: int = 0, process_count: int = 1, tr
                  batch_turns=turns)
   sampler = GlobalBatchSlices(order, config.batch_size, process_index, process_count)
   loader = grain.DataLoader(
-      data_source=source, sampler=sampler, operations=[DecodeExample(config.model, data, train, task_configs)],
+      data_source=source, sampler=sampler,
+      operations=[preemption.WorkersOutliveSigterm(), DecodeExample(config.model, data, train, task_configs)],
       worker_count=int(data.get('num_workers', 0)), worker_buffer_size=2, shard_options=grain.sharding.NoSharding(),
       read_options=grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * batch_size))
-  return BatchIterator(loader, batch_size, drop_remainder=train)
+  return BatchIterator(loader, batch_size, drop_remainder=train, skip_budget=SkipBudget.from_config(data) if train
+                       else None)
 
 
 def num_eval_batches(config, split: str, data=None) -> int:
@@ -408,7 +595,7 @@ def eval_batches(config, split: str, process_index: int = 0, process_count: int 
 
 
 def model_inputs(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """The model's keys of a pipeline batch (drops `index` and `skipped`)."""
+  """The model's keys of a pipeline batch (drops EXTRA_KEYS: `index`, `skipped`, `skip_reason`)."""
   return {k: v for k, v in batch.items() if k not in EXTRA_KEYS}
 
 

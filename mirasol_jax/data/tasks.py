@@ -14,10 +14,11 @@ title, the question and 'options: a | b | c', each on its own line when present.
 default) is the first of answer, caption, captions and label that the record has.
 
 A target field may hold several references (a list, e.g. a clip's captions): training draws one at random every
-time the example is read, evaluation reads the first, and the caption metrics read them all (`references`).
+time the example is read (the task's `reference='random'`, the default) or always reads the first
+(`reference='first'`), evaluation reads the first, and the caption metrics read them all (`references`).
 
 config.data.tasks names several tasks mixed in training (data/pipeline.py): each entry overrides fields of
-config.data (source, path, media_root, train_split, eval_split, prompt, target) and has a `weight`.
+config.data (source, path, media_root, train_split, eval_split, prompt, target, reference) and has a `weight`.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from mirasol_jax.data import tokenizer as tokenizer_lib
 
 TARGET_FIELDS = ('answer', 'caption', 'captions', 'label')
 # The fields of config.data that a task of config.data.tasks may set; the rest (decoding, tokenizer) are shared.
-TASK_FIELDS = ('source', 'path', 'media_root', 'train_split', 'eval_split', 'prompt', 'target')
+TASK_FIELDS = ('source', 'path', 'media_root', 'train_split', 'eval_split', 'prompt', 'target', 'reference')
+REFERENCE_CHOICES = ('random', 'first')
 
 
 class _Fields(collections.defaultdict):
@@ -73,12 +75,18 @@ def references(record: Mapping[str, Any], field: str = '') -> list[str]:
   return []
 
 
-def target(record: Mapping[str, Any], field: str = '', rng: Optional[np.random.Generator] = None) -> Optional[str]:
-  """The target text of a record: one of its references, drawn with `rng` (training) or the first; None if none."""
+def target(record: Mapping[str, Any], field: str = '', rng: Optional[np.random.Generator] = None,
+           reference: str = 'random') -> Optional[str]:
+  """The target text of a record: one of its references, drawn with `rng` (training, reference='random') or the
+  first; None if none."""
+  if reference not in REFERENCE_CHOICES:
+    raise ValueError(f'reference={reference!r}: a task reads its references {" or ".join(REFERENCE_CHOICES)}')
   options = references(record, field)
   if not options:
     return None
-  return options[int(rng.integers(len(options)))] if rng is not None and len(options) > 1 else options[0]
+  if rng is not None and reference == 'random' and len(options) > 1:
+    return options[int(rng.integers(len(options)))]
+  return options[0]
 
 
 def task_names(data: Mapping[str, Any]) -> list[str]:
@@ -92,17 +100,21 @@ def task_data(data: ml_collections.ConfigDict, name: str = '') -> ml_collections
   The result has no `tasks`: it describes one task.
   """
   result = ml_collections.ConfigDict({k: v for k, v in data.to_dict().items() if k != 'tasks'})
-  if not name:
-    return result
-  tasks = data.get('tasks') or {}
-  if name not in tasks:
-    raise ValueError(f'task {name!r} is not one of config.data.tasks ({", ".join(tasks) or "none"})')
-  for key, value in tasks[name].items():
-    if key == 'weight':
-      continue
-    if key not in TASK_FIELDS:
-      raise ValueError(f'config.data.tasks.{name}.{key}: a task sets only weight and {", ".join(TASK_FIELDS)}')
-    result[key] = value
+  where = 'config.data'
+  if name:
+    tasks = data.get('tasks') or {}
+    if name not in tasks:
+      raise ValueError(f'task {name!r} is not one of config.data.tasks ({", ".join(tasks) or "none"})')
+    where = f'config.data.tasks.{name}'
+    for key, value in tasks[name].items():
+      if key == 'weight':
+        continue
+      if key not in TASK_FIELDS:
+        raise ValueError(f'{where}.{key}: a task sets only weight and {", ".join(TASK_FIELDS)}')
+      result[key] = value
+  if result.get('reference', 'random') not in REFERENCE_CHOICES:
+    raise ValueError(f'{where}.reference={result.reference!r}: a task reads its references '
+                     f'{" or ".join(REFERENCE_CHOICES)}')
   return result
 
 
