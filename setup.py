@@ -32,6 +32,12 @@ setup(
     packages=find_packages(include=['mirasol_jax', 'mirasol_jax.*']),
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
-    extras_require={'test': ['pytest>=8,<10', 'librosa>=0.10.2,<0.12']},
+    extras_require={
+        'test': ['pytest>=8,<10', 'librosa>=0.10.2,<0.12'],
+        # jax's own extras at the jax range above: its CUDA 12 plugin with the CUDA, cuDNN and NCCL wheels (the host
+        # needs only an NVIDIA driver for CUDA 12), and libtpu for Cloud TPU VMs; both from the package index.
+        'gpu': ['jax[cuda12]>=0.10.2,<0.11'],
+        'tpu': ['jax[tpu]>=0.10.2,<0.11'],
+    },
     entry_points={'console_scripts': ['mirasol=mirasol_jax.main:run']},
 )

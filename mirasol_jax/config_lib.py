@@ -157,5 +157,11 @@ def base_config(size: str = 'tiny', combiner: str = 'ttm', frames: int = 0) -> m
   config.axis_rules = sharding.DEFAULT_AXIS_RULES
   config.init_from = ''  # a workdir whose latest checkpoint initialises the parameters matching init_from_regex
   config.init_from_regex = '.*'
+  # Image ViT checkpoints in big_vision's .npz layout ('file.npz', or 'file.npz:img' for a sub-model) that initialise
+  # the video and audio encoders of a fresh run, after init_from (mirasol_jax/pretrained.py: the tube kernels are the
+  # patch kernel inflated over time, the audio kernel its RGB channels summed; positions stay sin-cos). '' keeps the
+  # tower as init_from or the random initialisation left it; a resumed run reads its own checkpoint.
+  config.init_video_encoder = ''
+  config.init_audio_encoder = ''
   return config
 

@@ -8,6 +8,7 @@
   python -m mirasol_jax.main tokenizer --config=configs/demo.py --workdir=DIR
   python -m mirasol_jax.main convert   --config=... --format=array_record|tfds --output=DIR [--num_shards=4]
   python -m mirasol_jax.main probe     --config=configs/demo.py --workdir=DIR [--probe_examples=N] [--probe_init]
+  python -m mirasol_jax.main answer    --workdir=DIR --video=FILE [--start=S --end=E] [--question=TEXT] [--stream]
   python -m mirasol_jax.main tables    WORKDIR [WORKDIR ...]
 
 `train` trains (resuming from the workdir's checkpoint) and runs the evaluators of config.evals when they are due;
@@ -21,8 +22,11 @@ prints what each gives. `tokenizer` trains a SentencePiece model (config.model.v
 the text of the training split and writes it to config.data.tokenizer, or to WORKDIR/tokenizer.model when that is
 empty. `convert` writes every split of the dataset folder as ArrayRecord shards or as a TFDS dataset, media bytes
 inside. `probe` fits linear probes from the output of each audio-video tower of the workdir's latest checkpoint to
-the answers (evaluators/probe.py). Any config field can be overridden: `--config.model.combiner=qformer`,
-`--config.data.path=DIR`.
+the answers (evaluators/probe.py). `answer` answers a question about any media file (captions it without
+--question) with the workdir's run (its config.json, tokenizer and newest checkpoint), decoded and prompted as
+evaluation decodes a record, and prints the answer and its log-probability; with --stream it feeds the clip chunk by
+chunk as if it were playing and prints the answer after each chunk and the time the chunk took (answer.py). Any
+config field can be overridden: `--config.model.combiner=qformer`, `--config.data.path=DIR`.
 """
 from __future__ import annotations
 
@@ -39,18 +43,33 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the run: config, chec
 _FORMAT = flags.DEFINE_enum('format', 'array_record', ['array_record', 'tfds'], '`convert`: output format.')
 _OUTPUT = flags.DEFINE_string('output', None, '`convert`: output folder.')
 _NUM_SHARDS = flags.DEFINE_integer('num_shards', 4, '`convert`: ArrayRecord shards per split.')
-_STEP = flags.DEFINE_integer('step', None, '`eval`: the checkpoint step to evaluate (default the latest).')
+_STEP = flags.DEFINE_integer('step', None, '`eval`, `answer`: the checkpoint step to use (default the latest).')
 _PROBE_EXAMPLES = flags.DEFINE_integer('probe_examples', None, '`probe`: fit on the first N examples of the training '
                                        'split (default all).', lower_bound=2)
 _PROBE_INIT = flags.DEFINE_bool('probe_init', False, '`probe`: a workdir without checkpoint is probed at the random '
                                 'initialisation a run of the config starts from.')
+_VIDEO = flags.DEFINE_string('video', None, '`answer`: the media file (any format PyAV reads).')
+_START = flags.DEFINE_float('start', None, '`answer`: where the clip starts in the file, in seconds (default 0).')
+_END = flags.DEFINE_float('end', None, '`answer`: where the clip ends, in seconds (default the end of the file).')
+_QUESTION = flags.DEFINE_string('question', None, '`answer`: the question; without it the clip is captioned, if the '
+                                'run trained a captioning task.')
+_STREAM = flags.DEFINE_bool('stream', False, '`answer`: feed the clip chunk by chunk as if it were playing and '
+                            'answer after each chunk.')
+_BEAM = flags.DEFINE_integer('beam', None, '`answer`: beam size (1: greedy; default the run\'s evaluator\'s).')
+_MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', None, '`answer`: tokens to generate at most (default the '
+                                       'run\'s evaluator\'s).')
+_TASK = flags.DEFINE_string('task', None, '`answer`: the task of config.data.tasks whose prompt to use (default the '
+                            'first that reads a question, or without --question the first that captions).')
 
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, for several processes '
                                    '(or $JAX_COORDINATOR_ADDRESS).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run (or $JAX_NUM_PROCESSES).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process (or $JAX_PROCESS_ID).')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Join the cluster jax.distributed finds on its own, without '
+                                 'other signs of one: a Cloud TPU VM pod slice, whose workers learn of each other '
+                                 'from the VM metadata (launch/tpu_pod.sh sets it).')
 
-COMMANDS = ('train', 'eval', 'params', 'forward', 'tokenizer', 'convert', 'probe', 'tables')
+COMMANDS = ('train', 'eval', 'params', 'forward', 'tokenizer', 'convert', 'probe', 'answer', 'tables')
 
 
 def initialize_distributed() -> None:
@@ -64,8 +83,8 @@ def initialize_distributed() -> None:
   if not address or count <= 1:
     slurm_tasks = int(os.environ.get('SLURM_NTASKS', 1) or 1)
     tpu_hosts = len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h])
-    if slurm_tasks > 1 or tpu_hosts > 1:
-      jax.distributed.initialize()  # JAX reads the cluster's environment
+    if slurm_tasks > 1 or tpu_hosts > 1 or _DISTRIBUTED.value:
+      jax.distributed.initialize()  # JAX reads the cluster's environment (or a TPU VM's metadata)
     return
   process_id = _PROCESS_ID.value if _PROCESS_ID.value is not None else int(os.environ['JAX_PROCESS_ID'])
   # Collectives between CPU processes (tests, CPU clusters); accelerators use their own. Must precede any backend.
@@ -296,14 +315,15 @@ def _probe_params(config, model, workdir: str, from_init: bool):
       raise app.UsageError(f'--probe_init probes a workdir without checkpoint; {workdir} holds step {steps[-1]}')
     step, params = checkpoint.newest_params(workdir)  # passes over damaged newer ones, with a warning
     return params, step, f'{workdir}/checkpoints/{step}'
-  if not (config.init_from or from_init):
+  sources = train.init_sources(config)  # init_from and pretrained towers
+  if not (sources or from_init):
     raise app.UsageError(f'{workdir} holds no checkpoint to probe (--probe_init probes the random initialisation)')
   batch = mirasol.example_batch(config, 1)
   params = nn.unbox(jax.jit(lambda rng: train.init_params(model, rng, batch)[0])(jax.random.PRNGKey(config.seed)))
-  if not config.init_from:
+  if not sources:
     return params, 0, f'the random initialisation (seed {config.seed})'
   params, names = train.load_init_from(config, params)
-  return params, 0, f'{len(names)} parameter arrays of {config.init_from} over the random initialisation'
+  return params, 0, f'{len(names)} parameter arrays of {", ".join(sources)} over the random initialisation'
 
 
 def probe(config, workdir: str, max_examples, from_init: bool) -> dict:
@@ -403,6 +423,16 @@ def main(argv):
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f'usage: python -m mirasol_jax.main {{{"|".join(COMMANDS)}}} --config=FILE[:ARG]; got '
                          f'{" ".join(argv[1:]) or "no command"}')
+  if argv[1] == 'answer':  # the run's config.json unless --config names another
+    if not _WORKDIR.value or not _VIDEO.value:
+      raise app.UsageError('answer needs --workdir=DIR and --video=FILE')
+    from mirasol_jax import answer
+    try:
+      answer.run(_WORKDIR.value, _VIDEO.value, _QUESTION.value, _START.value, _END.value, _STREAM.value, _STEP.value,
+                 _BEAM.value, _MAX_NEW_TOKENS.value, _TASK.value, _CONFIG.value)
+    except answer.AnswerError as e:
+      raise SystemExit(f'answer: {e}') from None
+    return
   config = _CONFIG.value
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/pretrain.py:size=tiny')

@@ -27,6 +27,7 @@ from mirasol_jax import checkpoint
 from mirasol_jax import flops
 from mirasol_jax import metrics as metrics_lib
 from mirasol_jax import optimizer
+from mirasol_jax import pretrained
 from mirasol_jax import sharding
 from mirasol_jax.data import pipeline
 from mirasol_jax.data import sources
@@ -101,10 +102,23 @@ def init_params(model: mirasol.Model, rng: jax.Array, batch) -> tuple[Any, jax.A
   return model.init({'params': params_rng, 'dropout': params_rng}, batch)['params'], train_rng
 
 
+def init_sources(config) -> list[str]:
+  """What a fresh run of the config loads over its random initialisation: config.init_from, then the image ViT
+  checkpoints of config.init_video_encoder and init_audio_encoder; empty when none is set."""
+  return [path for path in [config.init_from, *pretrained.sources(config).values()] if path]
+
+
 def load_init_from(config, params):
-  """`params` with the arrays of config.init_from's latest checkpoint whose paths match config.init_from_regex;
+  """`params` with the arrays of config.init_from's latest checkpoint whose paths match config.init_from_regex,
+  then the video and audio encoders built from config.init_video_encoder and init_audio_encoder (pretrained.py);
   returns them and the names loaded."""
-  return checkpoint.load_params(config.init_from, params, config.get('init_from_regex', '.*'))
+  names = []
+  if config.init_from:
+    params, names = checkpoint.load_params(config.init_from, params, config.get('init_from_regex', '.*'))
+  params, tower_names, report = pretrained.load_towers(config, params)
+  for line in report:
+    _log(line)
+  return params, names + tower_names
 
 
 def _split_microbatches(batch, count: int):
@@ -149,15 +163,16 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict[str, floa
     step, params = checkpoint.newest_params(workdir, abstract)  # passes over damaged newer ones, with a warning
   if step is not None:
     _log(f'evaluating {workdir}/checkpoints/{step}')
-  elif config.init_from:
+  elif init_sources(config):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       params = jax.jit(lambda rng: nn.unbox(init_params(model, rng, init_batch)[0]), out_shardings=shardings)(
           jax.random.PRNGKey(config.seed))
     params, names = load_init_from(config, params)
     step = 0
-    _log(f'evaluating {len(names)} parameter arrays of {config.init_from}')
+    _log(f'evaluating {len(names)} parameter arrays of {", ".join(init_sources(config))}')
   else:
-    raise FileNotFoundError(f'{workdir} holds no checkpoint to evaluate (and config.init_from is empty)')
+    raise FileNotFoundError(f'{workdir} holds no checkpoint to evaluate (and config.init_from, init_video_encoder '
+                            'and init_audio_encoder are empty)')
   evals = evaluators.build(evaluators.Context(config, model, mesh, rules, shardings, abstract, workdir, processor,
                                               jax.process_index(), jax.process_count()))
   if not evals:
@@ -220,9 +235,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       state = jax.jit(lambda rng: nn.unbox(init_state(rng)), out_shardings=state_shardings)(
           jax.random.PRNGKey(config.seed))
-    if config.init_from:
+    if init_sources(config):
       state['params'], names = load_init_from(config, state['params'])
-      _log(f'initialised {len(names)} parameter arrays from {config.init_from}')
+      _log(f'initialised {len(names)} parameter arrays from {", ".join(init_sources(config))}')
   start_step = int(state['step'])
 
   # ---------------------------------------------------------------------------------------------------------------
@@ -313,6 +328,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   data_state = None
   started = time.perf_counter()
 
+  # A run of several processes stops for unreadable data on the count of whole global batches (every process at
+  # the same step); one process alone applies the budget in its data iterator.
+  skip_budget = pipeline.GlobalSkipBudget.from_config(config.data) if process_count > 1 else None
+
   def settle(pending) -> None:
     """Fetches a finished step's metrics, stops on a non-finite loss, logs every log_every_steps."""
     step, device_metrics = pending
@@ -322,6 +341,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       terms = ', '.join(f'{k}={v}' for k, v in scalars.items() if k.startswith('train/loss'))
       raise NonFiniteLossError(f'non-finite loss at step {step}: {terms}. The last checkpoint (step '
                                f'{mngr.latest_step()}) is intact; lower config.lr or check the data.')
+    if skip_budget is not None:
+      skip_budget.add(int(scalars['data/skipped_examples']), config.batch_size, train_iter.skip_report())
     for key, value in scalars.items():
       average = clu_metrics.Average.from_model_output(jnp.asarray(value))
       history[key] = history[key].merge(average) if key in history else average

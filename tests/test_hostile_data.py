@@ -331,6 +331,30 @@ def test_the_skip_budget_counts_a_window_of_recent_examples():
   assert pipeline.SkipBudget.from_config({'max_skipped_fraction': 1.0}) is None  # 1.0 never stops
 
 
+def test_several_processes_stop_together_on_the_global_count(tmp_path, tokenizer_path):
+  folder = str(tmp_path)
+  write_jsonl(folder, [dict(video=f'videos/missing_{i}.mp4', **GOOD) for i in range(8)])
+  config = _config(folder, tokenizer_path, batch_size=4, skip_window=50, skip_window_min=8)
+  # Process 1 of 2 only counts (it would otherwise stop alone while process 0 waits in the step's collectives) ...
+  iterator = pipeline.build(config, 'train', process_index=1, process_count=2)
+  for _ in range(6):
+    assert next(iterator)['skipped'].all()
+  assert 'missing_file (12)' in iterator.skip_report()
+  # ... and the trainer stops every process on the count of whole global batches, the same number everywhere.
+  budget = pipeline.GlobalSkipBudget.from_config(config.data)
+  budget.add(1, 4)
+  budget.add(1, 4)  # 2 of 8
+  budget.add(4, 4)  # 6 of 12: half is within the budget
+  with pytest.raises(pipeline.SkipBudgetExceeded,
+                     match=r"(?s)10 of the last 16 training examples of all processes.*This process's share.*missing"):
+    budget.add(4, 4, iterator.skip_report())
+  window = pipeline.GlobalSkipBudget(max_fraction=0.5, window=8, min_examples=4)
+  for skipped in (0, 0, 4):  # the window keeps the last 8 examples: 4 of 8
+    window.add(skipped, 4)
+  with pytest.raises(pipeline.SkipBudgetExceeded, match='5 of the last 8'):
+    window.add(1, 4)
+
+
 def test_a_few_unreadable_examples_do_not_stop_training(tmp_path, tokenizer_path):
   folder = str(tmp_path)
   write_clip(os.path.join(folder, 'videos', 'good.mp4'))

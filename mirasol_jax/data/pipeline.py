@@ -422,17 +422,21 @@ class SkipBudget:
   bad examples at the start do not stop a run). The message names the most common reasons with example records.
   """
 
-  def __init__(self, max_fraction: float, window: int, min_examples: int):
+  def __init__(self, max_fraction: float, window: int, min_examples: int, stop: bool = True):
+    """stop=False only counts (report() names the reasons): a run of several processes decides on the count of
+    every process's examples (GlobalSkipBudget), so that all of them stop at the same step."""
     self._max_fraction, self._min_examples = max_fraction, min(min_examples, window)
+    self._stop = stop
     self._recent: collections.deque = collections.deque(maxlen=window)  # (skip reason code, record index)
     self._skipped = 0
 
   @classmethod
-  def from_config(cls, data_config: Mapping[str, Any]) -> Optional['SkipBudget']:
+  def from_config(cls, data_config: Mapping[str, Any], stop: bool = True) -> Optional['SkipBudget']:
     fraction = float(data_config.get('max_skipped_fraction', 1.0))
     if fraction >= 1.0:
       return None  # nothing can exceed it
-    return cls(fraction, int(data_config.get('skip_window', 1000)), int(data_config.get('skip_window_min', 100)))
+    return cls(fraction, int(data_config.get('skip_window', 1000)), int(data_config.get('skip_window_min', 100)),
+               stop)
 
   def add(self, reasons: np.ndarray, indices: np.ndarray) -> None:
     for code, index in zip(reasons.tolist(), indices.tolist()):
@@ -441,7 +445,7 @@ class SkipBudget:
       self._recent.append((code, index))
       self._skipped += bool(code)
     read = len(self._recent)
-    if read >= self._min_examples and self._skipped > self._max_fraction * read:
+    if self._stop and read >= self._min_examples and self._skipped > self._max_fraction * read:
       raise SkipBudgetExceeded(self.report())
 
   def report(self) -> str:
@@ -458,6 +462,38 @@ class SkipBudget:
     lines.append('Each skipped example was logged with its file and reason. Fix the data, or raise '
                  'config.data.max_skipped_fraction (1.0 never stops).')
     return '\n'.join(lines)
+
+
+class GlobalSkipBudget:
+  """The skip budget of a run of several processes, over the skipped examples of whole global batches.
+
+  Each process sees only its slice of a batch; were each to apply SkipBudget to its own, one could stop while the
+  others wait for it in the next step's collectives. The count of a global batch's skipped examples comes out of the
+  train step (the same number on every process), so every process takes the same decision at the same step. The
+  message adds this process's reasons (its SkipBudget, counting only).
+  """
+
+  def __init__(self, max_fraction: float, window: int, min_examples: int):
+    self._max_fraction, self._window, self._min_examples = max_fraction, window, min(min_examples, window)
+    self._recent: collections.deque = collections.deque()  # (skipped, read) per global batch
+    self._skipped = self._read = 0
+
+  @classmethod
+  def from_config(cls, data_config: Mapping[str, Any]) -> Optional['GlobalSkipBudget']:
+    local = SkipBudget.from_config(data_config)
+    return None if local is None else cls(local._max_fraction, local._recent.maxlen, local._min_examples)
+
+  def add(self, skipped: int, read: int, local_report: str = '') -> None:
+    self._recent.append((skipped, read))
+    self._skipped, self._read = self._skipped + skipped, self._read + read
+    while self._read - self._recent[0][1] >= self._window:  # keep about `window` examples
+      old_skipped, old_read = self._recent.popleft()
+      self._skipped, self._read = self._skipped - old_skipped, self._read - old_read
+    if self._read >= self._min_examples and self._skipped > self._max_fraction * self._read:
+      raise SkipBudgetExceeded(
+          f'{self._skipped} of the last {self._read} training examples of all processes could not be read, more '
+          f'than config.data.max_skipped_fraction={self._max_fraction} of them. This process\'s share:\n'
+          f'{local_report}')
 
 
 def _state_for_workers(state: bytes, worker_count: int) -> bytes:
@@ -515,6 +551,10 @@ class BatchIterator:
       self._skip_budget.add(batch['skip_reason'], batch['index'])
     return batch
 
+  def skip_report(self) -> str:
+    """The reasons of the recent skipped examples of this process ('' without a budget)."""
+    return self._skip_budget.report() if self._skip_budget is not None else ''
+
   def get_state(self) -> bytes:
     return self._iterator.get_state()
 
@@ -567,8 +607,10 @@ def build(config, split: str, process_index: int = 0, process_count: int = 1, tr
       operations=[preemption.WorkersOutliveSigterm(), DecodeExample(config.model, data, train, task_configs)],
       worker_count=int(data.get('num_workers', 0)), worker_buffer_size=2, shard_options=grain.sharding.NoSharding(),
       read_options=grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * batch_size))
-  return BatchIterator(loader, batch_size, drop_remainder=train, skip_budget=SkipBudget.from_config(data) if train
-                       else None)
+  # Several processes: the iterator only counts its reasons; the trainer decides on the global count
+  # (GlobalSkipBudget), so that every process stops at the same step.
+  budget = SkipBudget.from_config(data, stop=process_count == 1) if train else None
+  return BatchIterator(loader, batch_size, drop_remainder=train, skip_budget=budget)
 
 
 def num_eval_batches(config, split: str, data=None) -> int:
