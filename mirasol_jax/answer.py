@@ -85,8 +85,11 @@ def load_config(workdir: str, override: Optional[ml_collections.ConfigDict] = No
     if not os.path.exists(path):
       raise AnswerError(f'{workdir} has no config.json (the trainer writes it); pass --config=FILE to name the run\'s '
                         'config')
-    with open(path, encoding='utf-8') as f:
-      config = ml_collections.ConfigDict(json.load(f))
+    try:
+      with open(path, encoding='utf-8') as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    except (OSError, ValueError) as e:
+      raise AnswerError(f'{path}: cannot read the run\'s config ({e}); pass --config=FILE to name it') from e
   defaults = config_lib.data_config()
   for key in defaults:
     if key not in config.data:

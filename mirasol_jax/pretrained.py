@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from typing import Any, Sequence
 
 import flax
@@ -120,8 +121,11 @@ def read_vit(path: str) -> dict[str, np.ndarray]:
   file, key = _split_submodel(path)
   if not os.path.exists(file):
     raise FileNotFoundError(f'ViT checkpoint {file!r} does not exist')
-  with np.load(file, allow_pickle=False) as npz:
-    flat = {name: npz[name] for name in npz.files}
+  try:
+    with np.load(file, allow_pickle=False) as npz:
+      flat = {name: npz[name] for name in npz.files}
+  except (OSError, ValueError, zipfile.BadZipFile) as e:
+    raise ValueError(f'ViT checkpoint {file!r} is not a readable .npz of arrays ({type(e).__name__}: {e})') from e
   for prefix in ('params/', 'opt/target/'):
     if any(name.startswith(prefix) for name in flat):
       flat = {name[len(prefix):]: value for name, value in flat.items() if name.startswith(prefix)}
@@ -340,7 +344,11 @@ def load_towers(config, params: dict[str, Any]) -> tuple[dict[str, Any], list[st
   for tower, path in sources(config).items():
     prefix = TOWERS[tower] + '/'
     target = {name[len(prefix):]: value for name, value in flat.items() if name.startswith(prefix)}
-    arrays, unused, warnings = tower_arrays(read_vit(path), target, tower, source=repr(path))
+    try:
+      vit = read_vit(path)
+    except (OSError, ValueError) as e:
+      raise ValueError(f'config.init_{tower}_encoder={path!r}: {e}') from e
+    arrays, unused, warnings = tower_arrays(vit, target, tower, source=repr(path))
     for name, value in arrays.items():
       old = flat[prefix + name]
       value = np.asarray(value, old.dtype)

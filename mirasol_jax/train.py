@@ -298,6 +298,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       config, model, mesh, rules, state_shardings['params'], abstract['params'], workdir, processor, process_index,
       process_count))
   active = {name: e for name, e in evals.items() if e.every() > 0}
+  for evaluator in active.values():
+    evaluator.check_text()  # before compiling: data without text has nothing to answer
 
   def evaluate(due, step: int) -> dict[str, float]:
     result = {}
@@ -342,7 +344,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       raise NonFiniteLossError(f'non-finite loss at step {step}: {terms}. The last checkpoint (step '
                                f'{mngr.latest_step()}) is intact; lower config.lr or check the data.')
     if skip_budget is not None:
-      skip_budget.add(int(scalars['data/skipped_examples']), config.batch_size, train_iter.skip_report())
+      skip_budget.add(int(scalars['data/skipped_examples']), config.batch_size, train_iter.skip_report)
     for key, value in scalars.items():
       average = clu_metrics.Average.from_model_output(jnp.asarray(value))
       history[key] = history[key].merge(average) if key in history else average
@@ -391,7 +393,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       if save_now or preempted['signal'] is not None:
         settle(pending)  # never checkpoint a state whose loss was not finite
         pending = None
-        checkpoint.save(mngr, step, state, train_iter, config)
+        checkpoint.save(mngr, step, state, data_state, config)  # the iterator's state after this step's batch
         saved_step = step
       if preempted['signal'] is not None:
         _log(f'step {step}: signal {preempted["signal"]} received; checkpoint saved, stopping')

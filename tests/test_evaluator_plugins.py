@@ -10,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
 
 from conftest import random_batch, tiny_config
@@ -174,6 +175,20 @@ def test_evaluator_configs_name_their_fields():
     base.config('classification', beam_size=3)
   with pytest.raises(ValueError, match='not one of'):
     base.config('bleu')
+
+
+
+def test_evaluators_that_need_text_refuse_a_run_without_any():
+  config = tiny_config()
+  config.data = config_lib.data_config(source='jsonl', path='/data/clips_without_text')
+  config.evals = ml_collections.ConfigDict({'validation': base.config('vqa'), 'loss': base.config('loss')})
+  evals = base.build(base.Context(config, None, None, (), None, None, '', processor=None))
+  evals['loss'].check_text()  # the audio-video losses need no text
+  with pytest.raises(ValueError, match=r'config.evals.validation \(vqa\) reads and writes text.*/data/clips_without_'
+                     r'text.*every_steps=-1'):
+    evals['validation'].check_text()
+  with pytest.raises(ValueError, match=r'config.data.tasks.qa.prompt: prompt template'):
+    tasks.task_data(config_lib.data_config(tasks={'qa': dict(prompt='{question')}), 'qa')
 
 
 CONFIG = '''

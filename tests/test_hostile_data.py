@@ -347,7 +347,7 @@ def test_several_processes_stop_together_on_the_global_count(tmp_path, tokenizer
   budget.add(4, 4)  # 6 of 12: half is within the budget
   with pytest.raises(pipeline.SkipBudgetExceeded,
                      match=r"(?s)10 of the last 16 training examples of all processes.*This process's share.*missing"):
-    budget.add(4, 4, iterator.skip_report())
+    budget.add(4, 4, iterator.skip_report)
   window = pipeline.GlobalSkipBudget(max_fraction=0.5, window=8, min_examples=4)
   for skipped in (0, 0, 4):  # the window keeps the last 8 examples: 4 of 8
     window.add(skipped, 4)

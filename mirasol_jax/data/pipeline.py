@@ -26,7 +26,7 @@ import logging
 import bisect
 import fractions
 import math
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import grain
 import jax
@@ -172,15 +172,25 @@ class DecodeExample(grain.transforms.RandomMap):
     if end is not None and end <= start:
       raise RecordError(f'{_name(record)}: end {end:.2f}s <= start {start:.2f}s', 'clip_bounds')
     task = self._tasks[int(record.get('_task', 0))]
-    if not tasks_lib.references(record, task['target']) and self._data.get('require_target', True):
+    references = tasks_lib.references(record, task['target'])
+    if not references and self._data.get('require_target', True):
       fields = task['target'] or ', '.join(tasks_lib.TARGET_FIELDS)
       raise RecordError(f'{record.get("id")}: no target text ({fields}); config.data.require_target=False trains '
                         'on such examples without text', 'no_target')
     with media.MediaFile(source, self._limits) as media_file:
-      return self._decode_media(record, media_file, start, end, rng)
+      example = self._decode_media(record, media_file, start, end, rng)
+    target = tasks_lib.choose(references, rng, task['reference'])
+    if target is not None:
+      example['text_tokens'], example['text_loss_mask'] = tokenizer_lib.encode_example(
+          self._get_tokenizer(), tasks_lib.prompt(record, task['prompt']), target, self._model['max_text_len'])
+    else:  # pretraining on video with sound (config.data.require_target=False): no text, nothing for the text loss
+      example['text_tokens'][0] = tokenizer_lib.BOS_ID
+    example['example_mask'] = np.array(True)
+    return example
 
   def _decode_media(self, record, media_file: media.MediaFile, start: float, end: Optional[float],
                     rng) -> dict[str, np.ndarray]:
+    """The video and audio of the clip [start, end] of a record's media, in a blank example."""
     m, d = self._model, self._data
     info = media_file.info
     end = min(end if end is not None else info.duration, info.duration)
@@ -208,14 +218,6 @@ class DecodeExample(grain.transforms.RandomMap):
           waveform, bounds, m['audio_frames_per_chunk'], d.get('sample_rate', 16_000), d.get('window_ms', 25.0),
           d.get('hop_ms', 10.0), m['mel_bins'])
       example['audio_mask'] = np.array(True)
-    task = self._tasks[int(record.get('_task', 0))]
-    target = tasks_lib.target(record, task['target'], rng, task['reference'])
-    if target is not None:
-      example['text_tokens'], example['text_loss_mask'] = tokenizer_lib.encode_example(
-          self._get_tokenizer(), tasks_lib.prompt(record, task['prompt']), target, m['max_text_len'])
-    else:  # pretraining on video with sound (config.data.require_target=False): no text, nothing for the text loss
-      example['text_tokens'][0] = tokenizer_lib.BOS_ID
-    example['example_mask'] = np.array(True)
     return example
 
   def _get_tokenizer(self):
@@ -412,6 +414,14 @@ def _collate(examples, batch_size: int) -> dict[str, np.ndarray]:
   return batch
 
 
+def _budget_settings(data_config: Mapping[str, Any]) -> Optional[tuple[float, int, int]]:
+  """(max fraction, window, min examples) of config.data's skip budget; None when it can never be exceeded."""
+  fraction = float(data_config.get('max_skipped_fraction', 1.0))
+  if fraction >= 1.0:
+    return None
+  return fraction, int(data_config.get('skip_window', 1000)), int(data_config.get('skip_window_min', 100))
+
+
 class SkipBudgetExceeded(RuntimeError):
   """More of the recent training examples were skipped than config.data.max_skipped_fraction allows."""
 
@@ -432,11 +442,8 @@ class SkipBudget:
 
   @classmethod
   def from_config(cls, data_config: Mapping[str, Any], stop: bool = True) -> Optional['SkipBudget']:
-    fraction = float(data_config.get('max_skipped_fraction', 1.0))
-    if fraction >= 1.0:
-      return None  # nothing can exceed it
-    return cls(fraction, int(data_config.get('skip_window', 1000)), int(data_config.get('skip_window_min', 100)),
-               stop)
+    settings = _budget_settings(data_config)
+    return None if settings is None else cls(*settings, stop)
 
   def add(self, reasons: np.ndarray, indices: np.ndarray) -> None:
     for code, index in zip(reasons.tolist(), indices.tolist()):
@@ -480,10 +487,11 @@ class GlobalSkipBudget:
 
   @classmethod
   def from_config(cls, data_config: Mapping[str, Any]) -> Optional['GlobalSkipBudget']:
-    local = SkipBudget.from_config(data_config)
-    return None if local is None else cls(local._max_fraction, local._recent.maxlen, local._min_examples)
+    settings = _budget_settings(data_config)
+    return None if settings is None else cls(*settings)
 
-  def add(self, skipped: int, read: int, local_report: str = '') -> None:
+  def add(self, skipped: int, read: int, local_report: Callable[[], str] = str) -> None:
+    """Counts a global batch; local_report (called only to raise) gives this process's reasons."""
     self._recent.append((skipped, read))
     self._skipped, self._read = self._skipped + skipped, self._read + read
     while self._read - self._recent[0][1] >= self._window:  # keep about `window` examples
@@ -493,7 +501,7 @@ class GlobalSkipBudget:
       raise SkipBudgetExceeded(
           f'{self._skipped} of the last {self._read} training examples of all processes could not be read, more '
           f'than config.data.max_skipped_fraction={self._max_fraction} of them. This process\'s share:\n'
-          f'{local_report}')
+          f'{local_report()}')
 
 
 def _state_for_workers(state: bytes, worker_count: int) -> bytes:

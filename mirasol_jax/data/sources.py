@@ -27,7 +27,6 @@ import msgpack
 from mirasol_jax.data import media
 
 MEDIA_FIELDS = ('video_path', 'video_bytes')
-TARGET_FIELDS = ('answer', 'caption', 'label')
 # Fields a record gets from its source or the pipeline, never from the data itself.
 RESERVED_FIELDS = ('video', 'error', 'error_kind', '_index', '_task') + MEDIA_FIELDS
 # Nesting of a record's values: none of its fields needs more than a few levels, and msgpack (ArrayRecord shards)

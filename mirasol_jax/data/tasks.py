@@ -22,7 +22,6 @@ config.data (source, path, media_root, train_split, eval_split, prompt, target, 
 """
 from __future__ import annotations
 
-import collections
 import string
 from typing import Any, Mapping, Optional
 
@@ -37,10 +36,16 @@ TASK_FIELDS = ('source', 'path', 'media_root', 'train_split', 'eval_split', 'pro
 REFERENCE_CHOICES = ('random', 'first')
 
 
-class _Fields(collections.defaultdict):
+class _Fields(dict):
+  """A record's fields as text, each converted only when the template names it (a record may hold its whole media
+  file in `video_bytes`); a field the record lacks reads as empty."""
+
+  def __init__(self, record: Mapping[str, Any]):
+    super().__init__()
+    self._record = record
 
   def __missing__(self, key):
-    return ''
+    return _as_text(self._record.get(key))
 
 
 def _as_text(value: Any) -> str:
@@ -55,9 +60,8 @@ def prompt(record: Mapping[str, Any], template: str = '') -> str:
   """The decoder's context of a record under `template` (see the module docstring)."""
   if not template:
     return tokenizer_lib.prefix_text(record)
-  fields = _Fields(None, {k: _as_text(v) for k, v in record.items() if isinstance(k, str)})
   try:
-    text = string.Formatter().vformat(template, (), fields)
+    text = string.Formatter().vformat(template, (), _Fields(record))
   except (ValueError, IndexError) as e:
     raise ValueError(f'prompt template {template!r}: {e}') from None
   return '\n'.join(line for line in text.split('\n') if line.strip())
@@ -81,7 +85,12 @@ def target(record: Mapping[str, Any], field: str = '', rng: Optional[np.random.G
   first; None if none."""
   if reference not in REFERENCE_CHOICES:
     raise ValueError(f'reference={reference!r}: a task reads its references {" or ".join(REFERENCE_CHOICES)}')
-  options = references(record, field)
+  return choose(references(record, field), rng, reference)
+
+
+def choose(options: list[str], rng: Optional[np.random.Generator] = None, reference: str = 'random'
+           ) -> Optional[str]:
+  """One of a record's references (see `target`); None if there is none."""
   if not options:
     return None
   if rng is not None and reference == 'random' and len(options) > 1:
@@ -112,6 +121,10 @@ def task_data(data: ml_collections.ConfigDict, name: str = '') -> ml_collections
       if key not in TASK_FIELDS:
         raise ValueError(f'{where}.{key}: a task sets only weight and {", ".join(TASK_FIELDS)}')
       result[key] = value
+  try:  # a template that cannot format is the config's error: say so now, not once per example
+    prompt({}, result.get('prompt', ''))
+  except ValueError as e:
+    raise ValueError(f'{where}.prompt: {e}') from None
   if result.get('reference', 'random') not in REFERENCE_CHOICES:
     raise ValueError(f'{where}.reference={result.reference!r}: a task reads its references '
                      f'{" or ".join(REFERENCE_CHOICES)}')

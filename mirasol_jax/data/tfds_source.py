@@ -1,7 +1,7 @@
 """A TFDS dataset (`array_record` files, no TensorFlow needed) built from a jsonl dataset folder, and its source.
 
 `prepare(folder, data_dir)` writes every split of the folder (`train.jsonl`, `validation.jsonl`, `test.jsonl`) with
-the media bytes inside; `open_source(data_dir, split)` reads it through `tfds` random access and gives the same
+the media bytes inside; `TfdsSource(data_dir, split)` (config.data.source='tfds') reads it through `tfds` random access and gives the same
 records, in the same order, as the jsonl folder. Media stay encoded and are decoded in the grain pipeline.
 """
 from __future__ import annotations
@@ -114,10 +114,6 @@ class TfdsSource(grain.sources.RandomAccessDataSource):
 
   def __repr__(self) -> str:
     return f'TfdsSource({self._source!r})'
-
-
-def open_source(data_dir: str, split: str) -> TfdsSource:
-  return TfdsSource(data_dir, split)
 
 
 sources.register('tfds', lambda data_config, split: TfdsSource(sources.dataset_folder(data_config), split))

@@ -25,7 +25,7 @@ import importlib
 import json
 import os
 import time
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -105,6 +105,8 @@ class Evaluator:
   """The base of every evaluator: its data, when it is due, the shared batch loop and the predictions file."""
 
   DEFAULTS: dict[str, Any] = {}
+  NEEDS_TEXT = True  # it tokenises candidates or decodes answers: the run must have a tokenizer
+
 
   def __init__(self, name: str, eval_config: ml_collections.ConfigDict, ctx: Context):
     self.name, self.cfg, self.ctx = name, eval_config, ctx
@@ -119,6 +121,14 @@ class Evaluator:
     self.group_by = eval_config.get('group_by', '')
     self._compiled: dict[str, Any] = {}
     self._source = None
+
+  def check_text(self) -> None:
+    """Raises if this evaluator reads or writes text and the run has none (no tokenizer: data without text)."""
+    if self.NEEDS_TEXT and self.ctx.processor is None:
+      data = self.ctx.config.data
+      raise ValueError(f'config.evals.{self.name} ({self.cfg.type}) reads and writes text, but config.data '
+                       f'({data.source} {data.path or ""}) has none, so there is no tokenizer: set '
+                       f'config.evals.{self.name}.every_steps=-1 or config.eval_every_steps=0')
 
   # -- when ------------------------------------------------------------------------------------------------------
 
@@ -146,6 +156,12 @@ class Evaluator:
 
   def group(self, record: Mapping[str, Any]) -> Optional[Any]:
     return record.get(self.group_by) if self.group_by else None
+
+  def check_groups(self, groups: Sequence[Optional[Any]]) -> None:
+    """Warns when group_by names a field that none of the examples has: no per-group metric would say so."""
+    if self.group_by and groups and all(g is None for g in groups):
+      self.ctx.log(f'warning: config.evals.{self.name}.group_by={self.group_by!r}: no example of '
+                   f'{self.split} has that field, so there are no per-group metrics')
 
   def run(self, params, step: int) -> Iterator[tuple[str, float]]:
     raise NotImplementedError
@@ -233,8 +249,7 @@ def _gather(local: np.ndarray) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, *local.shape[1:])
 
 
-def grouped_means(values: Mapping[str, np.ndarray], groups: list[Optional[Any]], prefix: str = ''
-                  ) -> dict[str, float]:
+def grouped_means(values: Mapping[str, np.ndarray], groups: list[Optional[Any]]) -> dict[str, float]:
   """The mean of each named per-example array, overall and per group value ('<name>/<group>'), and the examples
   of each group ('examples/<group>')."""
   from mirasol_jax.evaluators import grounding
@@ -242,17 +257,21 @@ def grouped_means(values: Mapping[str, np.ndarray], groups: list[Optional[Any]],
   result = {}
   for name, flags in values.items():
     flags = np.asarray(flags, np.float64)
-    result[f'{prefix}{name}'] = float(flags.mean()) if len(flags) else 0.0
+    result[name] = float(flags.mean()) if len(flags) else 0.0
     for value in present:
       members = flags[[g == value for g in groups]]
-      result[f'{prefix}{name}/{grounding.metric_name(value)}'] = float(members.mean())
-  if not prefix:
-    for value in present:
-      result[f'examples/{grounding.metric_name(value)}'] = float(sum(g == value for g in groups))
+      result[f'{name}/{grounding.metric_name(value)}'] = float(members.mean())
+  for value in present:
+    result[f'examples/{grounding.metric_name(value)}'] = float(sum(g == value for g in groups))
   return result
 
 
 def build(ctx: Context) -> dict[str, Evaluator]:
   """The evaluators of config.evals, in order."""
-  evals = ctx.config.get('evals') or {}
-  return {name: evaluator_class(cfg.get('type', ''))(name, cfg, ctx) for name, cfg in evals.items()}
+  evaluators = {}
+  for name, cfg in (ctx.config.get('evals') or {}).items():
+    try:
+      evaluators[name] = evaluator_class(cfg.get('type', ''))(name, cfg, ctx)
+    except ValueError as e:
+      raise ValueError(e if str(e).startswith('config.') else f'config.evals.{name}: {e}') from None
+  return evaluators

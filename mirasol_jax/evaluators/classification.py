@@ -79,23 +79,29 @@ class Evaluator(base.Evaluator):
       return record['label_index'] if 0 <= record['label_index'] < len(self.classes) else -1
     return self._lookup.get(vqa.normalize(tasks_lib.target(record, self.data.target) or ''), -1)
 
+  def _chunk_size(self) -> int:
+    """Classes scored at a time: at most class_batch, as even as possible (31 classes at 64: one chunk of 31)."""
+    chunks = -(-len(self.classes) // self.cfg.class_batch)
+    return -(-len(self.classes) // chunks)
+
   def _candidates(self) -> tuple[np.ndarray, np.ndarray]:
-    """The class names' token ids [C', Lc] and lengths [C'], C' a multiple of class_batch (padded with empty
+    """The class names' token ids [C', Lc] and lengths [C'], C' a multiple of _chunk_size() (padded with empty
     candidates)."""
     if self._class_ids is None:
       ids, lengths = scoring.encode_candidates(self.ctx.processor, [self.classes], len(self.classes),
                                                self.ctx.config.model.max_text_len)
-      pad = -len(self.classes) % self.cfg.class_batch
+      pad = -len(self.classes) % self._chunk_size()
       self._class_ids = (np.pad(ids[0], ((0, pad), (0, 0))), np.pad(lengths[0], (0, pad)))
     return self._class_ids
 
   def step(self, params, batch, class_ids, class_lengths):
-    """-> no scalars; the score of every class [B, C'] (classes class_batch at a time under lax.map)."""
+    """-> no scalars; the score of every class [B, C'] (classes _chunk_size() at a time under lax.map)."""
     model, variables = self.ctx.model, {'params': params}
     _, latents = model.apply(variables, batch, method=mirasol.Model.encode_av)
     prompt_len = prompt_lengths(batch['text_loss_mask'])
     size = batch['text_tokens'].shape[0]
-    chunks = class_ids.shape[0] // self.cfg.class_batch
+    chunk_size = self._chunk_size()
+    chunks = class_ids.shape[0] // chunk_size
 
     def score_chunk(chunk):
       ids, lengths = chunk
@@ -104,8 +110,8 @@ class Evaluator(base.Evaluator):
                                               jnp.broadcast_to(lengths[None], (size,) + lengths.shape))
       return scoring.log_likelihoods(model, variables, latents, tokens, mask, self.cfg.length_normalize)
 
-    scores = jax.lax.map(score_chunk, (class_ids.reshape(chunks, self.cfg.class_batch, -1),
-                                       class_lengths.reshape(chunks, self.cfg.class_batch)))
+    scores = jax.lax.map(score_chunk, (class_ids.reshape(chunks, chunk_size, -1),
+                                       class_lengths.reshape(chunks, chunk_size)))
     return {}, {'scores': jnp.moveaxis(scores, 0, 1).reshape(size, -1)}
 
   def run(self, params, step: int) -> Iterator[tuple[str, float]]:
@@ -126,6 +132,7 @@ class Evaluator(base.Evaluator):
     top1 = ranked[:, 0] == labels
     topk = np.any(ranked == labels[:, None], axis=1)
     groups = [self.group(r) for r in records]
+    self.check_groups(groups)
     yield from base.grouped_means({'top1': top1, f'top{k}': topk}, groups).items()
     if self.cfg.mean_ap and len(labels):
       probabilities = np.exp(scores - scores.max(axis=1, keepdims=True))

@@ -81,17 +81,9 @@ def accuracies(correct: Mapping[str, Sequence[bool]], groups: Sequence[Optional[
   correct: variant -> one flag per example; groups: the example's value of the evaluator's group_by, None to leave it
   out of every group. Keys: 'accuracy', 'accuracy/<value>', '<variant>/accuracy[/<value>]' and 'examples/<value>'.
   """
-  values = sorted({g for g in groups if g is not None}, key=str)
-  result = {}
-  for variant, flags in correct.items():
-    prefix = '' if variant == 'plain' else f'{variant}/'
-    result[f'{prefix}accuracy'] = sum(flags) / max(len(flags), 1)
-    for value in values:
-      members = [f for f, g in zip(flags, groups) if g == value]
-      result[f'{prefix}accuracy/{metric_name(value)}'] = sum(members) / len(members)
-  for value in values:
-    result[f'examples/{metric_name(value)}'] = float(sum(g == value for g in groups))
-  return result
+  from mirasol_jax.evaluators import base  # base imports this module's metric_name
+  return base.grouped_means({('accuracy' if variant == 'plain' else f'{variant}/accuracy'): flags
+                             for variant, flags in correct.items()}, list(groups))
 
 
 def table(result: Mapping[str, float], split: str) -> list[str]:

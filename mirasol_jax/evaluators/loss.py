@@ -11,6 +11,7 @@ from mirasol_jax.models import mirasol
 
 class Evaluator(base.Evaluator):
   DEFAULTS = {}
+  NEEDS_TEXT = False  # the losses of data without text are the audio-video ones
 
   def step(self, params, batch):
     """-> each term's sum over the batch (its mean times its denominator) and the denominator."""

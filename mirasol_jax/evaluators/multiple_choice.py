@@ -110,6 +110,7 @@ class Evaluator(base.Evaluator):
         prediction[self.group_by] = groups[-1]
       predictions.append(prediction)
     self.write_predictions(step, predictions)
+    self.check_groups(groups)
     yield from base.grouped_means({'accuracy': correct}, groups).items()
     yield 'examples', float(len(correct))
     yield 'skipped', float(out.skipped + unusable)

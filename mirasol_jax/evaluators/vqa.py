@@ -131,6 +131,7 @@ class Evaluator(base.Evaluator):
       predictions.append(prediction)
     self.write_predictions(step, predictions)
     yield from ((k, v / weight) for k, v in out.sums.items())
+    self.check_groups(groups)
     yield from grounding.accuracies(correct, groups).items()
     yield 'examples', float(len(out.indices))
     yield 'skipped', float(out.skipped)

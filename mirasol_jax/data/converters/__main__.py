@@ -41,7 +41,12 @@ def main(argv=None) -> int:
     print(f'error: {args.benchmark}: {e}', file=sys.stderr)
     return 1
   except KeyError as e:
-    print(f'error: {args.benchmark}: an annotation lacks the field {e}: not the official format', file=sys.stderr)
+    print(f'error: {args.benchmark}: an annotation in {args.annotations} lacks the field {e}: not the official '
+          'format', file=sys.stderr)
+    return 1
+  except TypeError as e:  # an entry of another shape than the official files' (a list where a map belongs, ...)
+    print(f'error: {args.benchmark}: an annotation in {args.annotations} is not in the official format ({e})',
+          file=sys.stderr)
     return 1
   print(common.format_report(report))
   print(f'report: {os.path.join(report["output"], common.REPORT_FILE)}')

@@ -26,25 +26,21 @@ import os
 
 from mirasol_jax.data.converters import common
 
-FILES = {'train': 'train', 'validation': 'val', 'test': 'test'}
+FILES = {'train': 'train_q.json', 'validation': 'val_q.json', 'test': 'test_q.json'}
 KINDS = ('motion', 'spatial', 'temporal', 'yes_no', 'color', 'object', 'location', 'number', 'other')
 
 
 def convert(annotations: str, media: str, output: str) -> dict:
   """Converts ActivityNet-QA; see the module docstring. Returns the report."""
   splits, notes = {}, []
-  for split, name in FILES.items():
-    questions_path = os.path.join(annotations, f'{name}_q.json')
-    if not os.path.exists(questions_path):
-      notes.append(f'{name}_q.json not found: no {split} split')
-      continue
+  for split, questions_path, result in common.present_splits(annotations, FILES, splits, notes):
+    name = os.path.basename(questions_path)[:-len('_q.json')]
     answers_path = os.path.join(annotations, f'{name}_a.json')
     answers = {}
     if os.path.exists(answers_path):
       answers = {entry['question_id']: entry for entry in common.read_json(answers_path)}
     else:
       notes.append(f'{name}_a.json not found: {split} written without answers')
-    result = splits[split] = common.Split()
     for entry in common.read_json(questions_path):
       fields = dict(question=entry['question'])
       answer = answers.get(entry['question_id'])

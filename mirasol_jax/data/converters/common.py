@@ -22,7 +22,7 @@ import csv
 import dataclasses
 import json
 import os
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 SPLITS = ('train', 'validation', 'test')
 # Extensions looked for, in order of preference when one name has several files (compared in lower case).
@@ -94,13 +94,15 @@ class MediaIndex:
     return self._by_name.get(name)
 
 
-def present_splits(annotations: str, files: Mapping[str, str], splits: dict, notes: list):
-  """(split, path of its annotation file, its new Split in `splits`) for each split of `files` (split -> file name)
-  whose file is in the annotations folder; a missing file adds a note instead."""
-  for split, name in files.items():
-    path = os.path.join(annotations, name)
-    if not os.path.exists(path):
-      notes.append(f'{name} not found: no {split} split')
+def present_splits(annotations: str, files: Mapping[str, Union[str, Sequence[str]]], splits: dict, notes: list):
+  """(split, path of its annotation file, its new Split in `splits`) for each split of `files` (split -> file name,
+  or the names it may have, the first present taken) whose file is in the annotations folder; a missing file adds a
+  note instead."""
+  for split, names in files.items():
+    names = (names,) if isinstance(names, str) else tuple(names)
+    path = first_existing(annotations, names)
+    if path is None:
+      notes.append(f'{" / ".join(names)} not found: no {split} split')
       continue
     splits[split] = Split()
     yield split, path, splits[split]

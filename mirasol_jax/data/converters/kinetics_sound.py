@@ -51,12 +51,7 @@ def convert(annotations: str, media: str, output: str) -> dict:
   index = {name: i for i, name in enumerate(CLASSES)}
   splits, notes = {}, [f'{len(CLASSES)} Kinetics-400 classes (Look, Listen and Learn, without typing, fingerpicking, '
                        'patting)']
-  for split, names in FILES.items():
-    path = common.first_existing(annotations, names)
-    if path is None:
-      notes.append(f'{" / ".join(names)} not found: no {split} split')
-      continue
-    result = splits[split] = common.Split()
+  for split, path, result in common.present_splits(annotations, FILES, splits, notes):
     for row in common.read_csv(path):
       label = (row.get('label') or '').strip().strip('"')
       if not label:
