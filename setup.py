@@ -5,7 +5,8 @@ from setuptools import find_packages, setup
 # jax/jaxlib 0.10.2, flax 0.12.8, optax 0.2.8, orbax-checkpoint 0.12.8, ml_collections 1.1.0,
 # tensorflow-datasets 4.9.10, grain 0.2.18, clu 0.0.12, numpy 2.4.6, absl-py 2.5.1, av 18.1.0, sentencepiece 0.2.3,
 # msgpack 1.2.4, importlib_resources 7.1.0, tensorboardX 2.6.5, librosa 0.11.0 (tests only: the log-mel reference),
-# pycocoevalcap 1.2 (with the pycocotools 2.0.11 it requires).
+# pycocoevalcap 1.2 (with the pycocotools 2.0.11 it requires); notebooks in the tests: nbclient 0.11.0, nbformat 5.11.1,
+# ipykernel 7.4.0, matplotlib 3.11.2.
 INSTALL_REQUIRES = [
     'jax>=0.10.2,<0.11',
     'flax>=0.12.8,<0.13',
@@ -25,6 +26,9 @@ INSTALL_REQUIRES = [
     'pycocoevalcap>=1.2,<1.3',  # COCO caption metrics (BLEU, ROUGE-L, CIDEr-D): only its pure-Python scorers
 ]
 
+# The notebooks' kernel and pictures; the test suite executes every notebook.
+NOTEBOOKS = ['nbclient>=0.10,<0.12', 'nbformat>=5.10,<6', 'ipykernel>=6.29,<8', 'matplotlib>=3.9,<4']
+
 setup(
     name='mirasol_jax',
     version='0.1.0',
@@ -33,7 +37,11 @@ setup(
     python_requires='>=3.10',
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        'test': ['pytest>=8,<10', 'librosa>=0.10.2,<0.12'],
+        'test': ['pytest>=8,<10', 'librosa>=0.10.2,<0.12', *NOTEBOOKS],
+        'notebooks': NOTEBOOKS,
+        # Workdirs on Google Cloud Storage (gs://...): the file system etils.epath uses without TensorFlow. Seen
+        # installing beside the ranges above: gcsfs 2026.10.1 with fsspec 2026.9.0.
+        'gcs': ['gcsfs>=2026.9,<2027'],
         # jax's own extras at the jax range above: its CUDA 12 plugin with the CUDA, cuDNN and NCCL wheels (the host
         # needs only an NVIDIA driver for CUDA 12), and libtpu for Cloud TPU VMs; both from the package index.
         'gpu': ['jax[cuda12]>=0.10.2,<0.11'],

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The same training command on every worker of a TPU VM pod slice, over `gcloud compute tpus tpu-vm ssh --worker=all`.
 #   launch/tpu_pod.sh my-tpu us-central2-b [--project=my-project] --config=configs/pretrain.py:size=3b \
-#     --workdir=/mnt/shared/runs/3b --config.data.path=/mnt/shared/data/vtp
-# launch/tpu_setup.sh installs the project in ~/mirasol_jax on every worker first. The workdir and the data must be
-# on a file system every worker mounts at the same path. The run lives as long as this command: start it where it
-# can stay (tmux, screen); started again with the same workdir, it resumes from the last checkpoint.
+#     --workdir=gs://my-bucket/runs/3b --config.data.path=/mnt/shared/data/vtp
+# launch/tpu_setup.sh installs the project in ~/mirasol_jax on every worker first. The workdir may be a gs:// path
+# (or a folder every worker mounts); the data must be on a file system every worker mounts at the same path. The run
+# lives as long as this command: start it where it can stay (tmux, screen); started again with the same workdir, it
+# resumes from the last checkpoint.
 set -euo pipefail
 
 usage='usage: launch/tpu_pod.sh TPU_NAME ZONE [--project=PROJECT] --config=CONFIG --workdir=DIR [--config.X=VALUE ...]'

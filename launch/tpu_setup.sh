@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs this checkout on every worker of a TPU VM pod slice: its files (tracked, and untracked ones git does not
-# ignore) replace ~/mirasol_jax on each worker, then `pip install -e '.[tpu]'` runs there.
+# ignore) replace ~/mirasol_jax on each worker, then `pip install -e '.[tpu,gcs]'` runs there.
 #   launch/tpu_setup.sh my-tpu us-central2-b [--project=my-project]
 # Run it again after changing the code, and on a slice created anew (after a preemption).
 set -euo pipefail
@@ -39,6 +39,6 @@ tar -xzf ~/mirasol_jax.tar.gz -C ~/mirasol_jax.new
 rm -rf ~/mirasol_jax ~/mirasol_jax.tar.gz
 mv ~/mirasol_jax.new ~/mirasol_jax
 cd ~/mirasol_jax
-python3 -m pip install -e '.[tpu]'
+python3 -m pip install -e '.[tpu,gcs]'
 REMOTE
 )"

@@ -6,7 +6,8 @@ Where it sits: beside the `vqa` and `caption` evaluators, for one file a user na
   FILE [start, end] -> pipeline.DecodeExample(train=False) -> video [1, T, k, H, W, 3], audio [1, T, F, M]
   {'question': ...} -> the run's task's prompt template (data/tasks.py) -> BOS prompt, as evaluation tokenises it
   whole clip: Model.encode_av -> AV latents [1, T, m, D] -> greedy_decode (or beam_decode) -> answer
-  --stream:   for t = 1..T: Model.stream_step(chunk t, carried state) -> h_t; latents h_1..h_t -> decoder -> answer
+  --stream:   for t = 1..T: ChunkReader.read() decodes chunk t from the file -> Model.stream_step(chunk t, carried
+              state) -> h_t; latents h_1..h_t -> decoder -> answer
 The input is what evaluation sees of the same record (centre crop, a frame in the middle of each of N segments,
 log-mel per chunk), so the answer is the `eval` command's answer to that record.
 
@@ -14,20 +15,33 @@ The score of an answer is the log-probability the decoder gives its tokens and t
 over the same latents after generation (one more decoder pass): its mean per token, and its total, whose exponential
 is the probability of the whole answer.
 
-Streaming. The clip is decoded once, up front, by the evaluation's code, then fed to the model one chunk at a time
-as if it were playing: after chunk t the model has seen chunks 1..t and nothing later. Decoding up front keeps the
-input bit-identical to evaluation's; the only information from later in the clip that chunk t carries is the
-log-mel's floor (80 dB under the clip's loudest frame) and the half window (12.5 ms) of audio past its end that its
-last spectrogram frames overlap. Each chunk costs one encoder pass over that chunk, one Combiner step against the
-carried state (the TTM memory) and one AV Transformer step against the KV cache of the earlier chunks
-(Model.stream_step): nothing of an earlier chunk is computed again, and block-causal attention makes h_t equal to
-the full pass's latents of chunk t. The decoder then cross-attends to exactly the latents h_1..h_t, as it would for
-a clip of t chunks: no parameter depends on the number of chunks (the AV Transformer's chunk positions are sin-cos,
-the decoder's cross-attention takes any length, and `text.context_norm='tokens'` standardises over the latents it
-is given). Masking the later chunks instead would need a context mask the decoder does not have, and its
+Streaming reads the file as if it were playing. Nothing is decoded up front: chunk t's frames and audio are decoded
+when the stream reaches chunk t (ChunkReader), each decoder going forward from where the previous chunk left it, so
+each chunk costs the decoding of its own span, whatever its position, and nothing is decoded twice (the first chunk
+starts at the key frame at or before the clip's first sample time, as evaluation's decoding does).
+  * Frames: the whole clip's sample times (media.segment_times over [start, end]) restricted to chunk t, resized
+    and centre-cropped as evaluation does: the same arrays as the whole clip's chunk t. A frame's display ends
+    when the next frame's starts, so the one frame after the chunk's last sample time is decoded with it (in the
+    demo's 8 fps files, the frame shown from the chunk's end on) and kept, unused, for the next chunk.
+  * Audio: the chunk's samples, decoded on (at most one audio frame past the chunk's end is read), and its log-mel
+    (audio.LogMelStream) from the audio heard so far: the chunk's samples, the tail of earlier audio its first
+    windows reach back into (half a window, 200 samples at 16 kHz), and silence past the last sample heard; the
+    80 dB floor is under the loudest spectrogram frame heard so far. Evaluation's whole-clip log-mel (what the
+    whole clip's answer reads) takes its floor under the clip's loudest frame and reads a little of the next chunk
+    where a chunk's last windows reach past its end. The two agree (to 1e-5 dB) from the chunk holding the clip's
+    loudest sound on, and in every bin above the whole clip's floor; before that sound, bins under that floor keep
+    the lower values they have (tens of dB lower in silence). The answer after the last chunk can therefore differ
+    slightly from the whole clip's.
+Each chunk then costs one encoder pass over that chunk, one Combiner step against the carried state (the TTM
+memory) and one AV Transformer step against the KV cache of the earlier chunks (Model.stream_step): nothing of an
+earlier chunk is computed again, and block-causal attention makes h_t equal to the full pass's latents of chunk t
+given the same inputs. The decoder then cross-attends to exactly the latents h_1..h_t, as it would for a clip of t
+chunks: no parameter depends on the number of chunks (the AV Transformer's chunk positions are sin-cos, the
+decoder's cross-attention takes any length, and `text.context_norm='tokens'` standardises over the latents it is
+given). Masking the later chunks instead would need a context mask the decoder does not have, and its
 standardisation would still count them. So the answer after chunk t costs a decoding over t*m latents: it grows
-with the latents attended, and the answer after the last chunk is the whole clip's. The model was trained on clips
-of T chunks only: its answers from fewer are what it makes of a clip cut short.
+with the latents attended. The model was trained on clips of T chunks only: its answers from fewer are what it
+makes of a clip cut short. `Answerer.stream` feeds a clip decoded whole (read_clip) the same way, chunk by chunk.
 
 Shapes are static: the chunk step is compiled once, the answer once per number of chunks seen, and each is compiled
 and run once before the first chunk, so that the per-chunk times printed are those of programs already warm. The
@@ -37,11 +51,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional
 
+import av
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -50,7 +66,9 @@ import numpy as np
 from mirasol_jax import checkpoint
 from mirasol_jax import config_lib
 from mirasol_jax import decoding
+from mirasol_jax import paths
 from mirasol_jax import sharding
+from mirasol_jax.data import audio as audio_lib
 from mirasol_jax.data import media
 from mirasol_jax.data import pipeline
 from mirasol_jax.data import tasks as tasks_lib
@@ -81,13 +99,12 @@ def load_config(workdir: str, override: Optional[ml_collections.ConfigDict] = No
   if override is not None:
     config = ml_collections.ConfigDict(override.to_dict())
   else:
-    path = os.path.join(workdir, 'config.json')
-    if not os.path.exists(path):
+    path = paths.join(workdir, 'config.json')
+    if not paths.exists(path):
       raise AnswerError(f'{workdir} has no config.json (the trainer writes it); pass --config=FILE to name the run\'s '
                         'config')
     try:
-      with open(path, encoding='utf-8') as f:
-        config = ml_collections.ConfigDict(json.load(f))
+      config = ml_collections.ConfigDict(json.loads(paths.read_text(path)))
     except (OSError, ValueError) as e:
       raise AnswerError(f'{path}: cannot read the run\'s config ({e}); pass --config=FILE to name it') from e
   defaults = config_lib.data_config()
@@ -96,10 +113,10 @@ def load_config(workdir: str, override: Optional[ml_collections.ConfigDict] = No
       config.data[key] = defaults[key]
   # The user names the file: the dataset folder's containment of media does not apply.
   config.data.allow_outside_media = True
-  tokenizer = os.path.join(workdir, 'tokenizer.model')
-  if os.path.exists(tokenizer):  # the run's own, wherever the workdir has moved since config.json was written
+  tokenizer = paths.join(workdir, 'tokenizer.model')
+  if paths.exists(tokenizer):  # the run's own, wherever the workdir has moved since config.json was written
     config.data.tokenizer = tokenizer
-  elif not config.data.tokenizer or not os.path.exists(config.data.tokenizer):
+  elif not config.data.tokenizer or not paths.exists(config.data.tokenizer):
     raise AnswerError(f'{workdir} has no tokenizer.model and config.data.tokenizer={config.data.tokenizer!r} does not '
                       'exist: which tokenizer did the model train with?')
   return config
@@ -216,17 +233,25 @@ class Clip:
   def end(self) -> float:
     return self.chunk_bounds[-1][1]
 
+  @property
+  def text(self) -> tuple[np.ndarray, np.ndarray]:
+    """(text_tokens [1, L], text_loss_mask [1, L]): the prompt as the decoder reads it."""
+    return self.example['text_tokens'], self.example['text_loss_mask']
 
-def read_clip(config, task: Task, path: str, start: Optional[float] = None, end: Optional[float] = None,
-              question: Optional[str] = None, processor=None) -> Clip:
-  """The record {'video_path', 'start', 'end', 'question'} decoded by the evaluation pipeline's DecodeExample
-  (train=False) and prompted by the task's template, its target left empty (what `decoding` reads of the text is the
-  prompt: BOS and the prompt's tokens, cut as encode_example cuts them)."""
+  @property
+  def has_audio(self) -> bool:
+    return bool(self.example['audio_mask'][0])
+
+
+def _request(task: Task, path: str, start: Optional[float], end: Optional[float],
+             question: Optional[str]) -> tuple[dict[str, Any], ml_collections.ConfigDict, media.MediaInfo]:
+  """(the record {'id', 'video_path', 'start', 'end'[, 'question']}, the task's config.data as the decoder reads
+  it, the file's header), the clip bounds checked against the file and config.data.max_clip_seconds."""
   path = os.path.abspath(path)
   if not os.path.exists(path):
     raise AnswerError(f'{path}: no such file')
   data = ml_collections.ConfigDict(task.data.to_dict())
-  data.require_target = False  # the record has no answer: the text is tokenised here, below
+  data.require_target = False  # the record has no answer: the text is tokenised by _prompt_tokens
   limits = media.MediaLimits.from_config(data)
   try:
     info = media.probe(path, limits)
@@ -242,18 +267,341 @@ def read_clip(config, task: Task, path: str, start: Optional[float] = None, end:
   record = {'id': os.path.basename(path), 'video_path': path, 'start': start, 'end': end}
   if question:
     record['question'] = question
+  return record, data, info
+
+
+def _prompt_tokens(config, task: Task, record: Mapping[str, Any], processor) -> tuple[str, np.ndarray, np.ndarray]:
+  """(the prompt, its tokens, their loss mask), as evaluation tokenises the record with an empty target (what
+  `decoding` reads of the text is the prompt: BOS and the prompt's tokens, cut as encode_example cuts them)."""
+  prompt = tasks_lib.prompt(record, task.prompt)
+  processor = processor or pipeline.load_tokenizer(config.data, config.model)
+  tokens, loss_mask = tokenizer_lib.encode_example(processor, prompt, '', config.model.max_text_len)
+  return prompt, tokens, loss_mask
+
+
+def read_clip(config, task: Task, path: str, start: Optional[float] = None, end: Optional[float] = None,
+              question: Optional[str] = None, processor=None) -> Clip:
+  """The record {'video_path', 'start', 'end', 'question'} decoded whole by the evaluation pipeline's DecodeExample
+  (train=False) and prompted by the task's template, its target left empty."""
+  record, data, _ = _request(task, path, start, end, question)
   decoder = pipeline.DecodeExample(config.model, data, train=False)
   example = decoder.decode(record, None)
   if example['skipped']:
     reason = list(pipeline.SKIP_REASONS)[int(example['skip_reason']) - 1]
-    raise AnswerError(f'{path}: {pipeline.SKIP_REASONS[reason]} (see the warning above)')
-  prompt = tasks_lib.prompt(record, task.prompt)
-  processor = processor or pipeline.load_tokenizer(config.data, config.model)
-  example['text_tokens'], example['text_loss_mask'] = tokenizer_lib.encode_example(
-      processor, prompt, '', config.model.max_text_len)
+    raise AnswerError(f'{record["video_path"]}: {pipeline.SKIP_REASONS[reason]} (see the warning above)')
+  prompt, example['text_tokens'], example['text_loss_mask'] = _prompt_tokens(config, task, record, processor)
   example = {k: v[None] for k, v in pipeline.model_inputs(example).items()}
-  bounds = media.chunk_bounds(start, end, config.model.num_chunks)
+  bounds = media.chunk_bounds(record['start'], record['end'], config.model.num_chunks)
   return Clip(example, record, prompt, bounds)
+
+
+# The live reader. Two open files, one per stream, each read forward from where evaluation's decoding of the whole
+# clip starts it (MediaFile.frames_of_size, MediaFile.audio): each decoder sees the packets that decoding sees, in
+# the same order, so the frames and samples are the same; only the reading stops at the end of each chunk and goes
+# on from there for the next.
+
+
+class _FramePlayer(media.MediaFile):
+  """The frames shown at ascending times, decoded forward from the key frame at or before the first time, never
+  going back: what MediaFile.frames_of_size(times, size, crop) gives, time by time, as a player shows them.
+
+  The frame shown at time s is the last frame whose timestamp is <= s (the first frame for times before it), which
+  is known once the first frame after s has been decoded: that frame is held for the next times, so each frame of
+  the file is decoded once and at most one frame past the last time asked for has been decoded. Decoder threads
+  are slice threads (frame threads would hold frames back and read packets ahead). config.data.decode_timeout_s
+  bounds each call (each chunk), not the whole stream.
+  """
+
+  def __init__(self, source: str, limits: media.MediaLimits, options: media.DecodeOptions, first: float,
+               short_side: int, crop_size: tuple[int, int]):
+    super().__init__(source, limits, options)
+    try:
+      self._stream = self._container.streams.video[0]
+      self._codec = self._stream.codec_context
+      self._stream.thread_type = 'SLICE' if options.thread_count != 1 else 'NONE'
+      self._codec.thread_count = options.thread_count
+      if limits.max_frame_pixels:  # the decoder refuses larger frames, however late they come
+        self._codec.options = {'max_pixels': str(limits.max_frame_pixels)}
+      self._size = media.resize_shape(self.info.width, self.info.height, short_side)
+      height, width = crop_size
+      self._crop = ((self._size[1] - height) // 2, (self._size[0] - width) // 2, height, width)  # evaluation's centre
+      base = self._stream.time_base
+      self._num, self._den = base.numerator, base.denominator
+      self._first = max(float(first), 0.0)
+      self._frames: Optional[Iterator] = None  # decoded frames in presentation order, from the first seek on
+      self._shown = self._shown_rgb = None  # the frame on screen at the last time asked for, its pixels
+      self._upcoming: Optional[tuple[Any, float]] = None  # the first frame decoded after it, and its time
+      self._ended = False
+      self.last_time = -np.inf  # the timestamp of the last frame decoded (seconds)
+    except BaseException:
+      self.close()
+      raise
+
+  def _seconds(self, timestamp: Optional[int]) -> float:
+    # As media.py times frames (PyAV's frame.time), so that comparisons with the sample times agree.
+    return 0.0 if timestamp is None else float(timestamp) * self._num / self._den
+
+  def _packets(self) -> Iterator:
+    """The stream's packets from the demuxer's position, empty ones left out (one would end the decoder's stream)."""
+    for packet in self._container.demux(self._stream):
+      if packet.size == 0:
+        if packet.pts is None and packet.dts is None:
+          return  # the end of the stream
+        continue
+      yield packet
+
+  def _position(self) -> Iterator:
+    """The packets from the key frame at or before the first time: seek there, and to earlier key frames while the
+    index lands after it (as media.py positions the decoding of the whole clip)."""
+    target = int(self._first / self._stream.time_base)
+    entries = self._stream.index_entries
+    packets = iter(())
+    for _ in range(4):
+      self._container.seek(target, stream=self._stream, backward=True, any_frame=False)
+      packets = self._packets()
+      head = next(packets, None)
+      if head is None:
+        return iter(())
+      packets = itertools.chain([head], packets)
+      where = head.dts if head.dts is not None else head.pts
+      at_start = where is not None and len(entries) > 0 and where <= entries[0].timestamp
+      if (not head.is_keyframe or head.pts is None or self._seconds(head.pts) <= self._first or at_start):
+        return packets
+      target = where - 1  # the key frame before this one
+    return packets
+
+  def _decoded(self) -> Iterator:
+    for packet in self._position():
+      self._check_time()
+      yield from self._codec.decode(packet)
+    if self._codec.is_open:
+      yield from self._codec.decode(None)  # the frames still in the decoder
+
+  def _next_frame(self) -> Optional[tuple[Any, float]]:
+    if self._frames is None:
+      self._frames = self._decoded()
+    frame = next(self._frames, None)
+    self._check_time()
+    if frame is None:
+      self._ended = True
+      return None
+    self.frames_decoded += 1
+    seconds = self._seconds(frame.pts)
+    self.last_time = max(self.last_time, seconds)
+    return frame, seconds
+
+  def next_frames(self, times: np.ndarray) -> np.ndarray:
+    """uint8 [n, height, width, 3]: the frames shown at `times` (ascending, after those of the calls before)."""
+    timeout = self._limits.decode_timeout_s
+    self._deadline = None if timeout is None else time.monotonic() + timeout
+    top, left, height, width = self._crop
+    out = np.empty((len(times), height, width, 3), np.uint8)
+    try:
+      for i, seconds in enumerate(np.asarray(times, np.float64).tolist()):
+        while True:  # bring on screen every frame due by `seconds`
+          if self._upcoming is None and not self._ended:
+            self._upcoming = self._next_frame()
+          if self._upcoming is None:
+            break  # past the last frame: the last frame stays on screen
+          frame, shown_from = self._upcoming
+          if self._shown is not None and shown_from > seconds:
+            break
+          self._shown, self._shown_rgb, self._upcoming = frame, None, None
+        if self._shown is None:
+          raise media.MediaError(f'{self._source}: no decodable video frame after {self._first:.3f}s')
+        if self._shown_rgb is None:
+          rgb = media._to_rgb(self._reformatter, self._shown, self._size)  # pylint: disable=protected-access
+          self._shown_rgb = rgb[top:top + height, left:left + width]
+        out[i] = self._shown_rgb
+    except (av.FFmpegError, ArithmeticError, ValueError) as e:  # damaged timestamps and sizes included
+      raise self._failed('video decoding', e) from e
+    return out
+
+
+class _AudioPlayer(media.MediaFile):
+  """The samples of [start, end] resampled to `sample_rate` mono, delivered in order up to a given sample: what
+  MediaFile.audio(start, end, sample_rate) gives, decoded forward from the same point (0.5 s before start) and
+  stopped as soon as the samples asked for are placed; the rest of the last frame decoded is held for the next
+  call. Time without audio is silence; the deadline of decode_timeout_s bounds each call."""
+
+  def __init__(self, source: str, limits: media.MediaLimits, start: float, end: float, sample_rate: int):
+    super().__init__(source, limits)
+    try:
+      self._check_span(start, end)
+      stream = self._container.streams.audio[0]
+      if not stream.time_base or stream.codec_context is None:
+        raise media.MediaError(f'{source}: the audio stream has no time base or no decoder')
+      self._start, self._rate = start, sample_rate
+      self.num_samples = int(round((end - start) * sample_rate))
+      self._resampler = av.AudioResampler(format='flt', layout='mono', rate=sample_rate)
+      self._container.seek(int(max(start - 0.5, 0.0) / stream.time_base), stream=stream, backward=True)
+      self._frames = self._container.decode(stream)
+      self._held: list[tuple[int, np.ndarray]] = []  # (first sample, samples) of frames past what was delivered
+      self.delivered = 0  # samples delivered so far
+      self._reach = 0  # the end of the furthest frame placed
+      self._done = False  # the whole clip's decoding stops here: a frame reached the clip's end, or the stream ended
+      self.last_time = -np.inf  # the end of the last frame decoded, in seconds of the file
+    except (av.FFmpegError, ArithmeticError, ValueError, TypeError) as e:
+      self.close()
+      raise self._failed('audio decoding', e) from e
+    except BaseException:
+      self.close()
+      raise
+
+  def _place(self, out: np.ndarray, first: int, samples: np.ndarray, until: int) -> None:
+    lo, hi = max(first, self.delivered), min(first + len(samples), until)
+    if hi > lo:
+      out[lo - self.delivered:hi - self.delivered] = samples[lo - first:hi - first]
+    if first + len(samples) > until:
+      self._held.append((first, samples))
+
+  def next_samples(self, until: int) -> np.ndarray:
+    """float32 [until - delivered]: the samples after those delivered, up to `until` (at most num_samples)."""
+    until = min(until, self.num_samples)
+    timeout = self._limits.decode_timeout_s
+    self._deadline = None if timeout is None else time.monotonic() + timeout
+    out = np.zeros(max(until - self.delivered, 0), np.float32)
+    held, self._held = self._held, []
+    for first, samples in held:
+      self._place(out, first, samples, until)
+    try:
+      while not self._done and self._reach < until:
+        frame = next(self._frames, None)
+        self._check_time()
+        if frame is None:
+          self._done = True
+          break
+        done = False
+        for resampled in self._resampler.resample(frame):
+          samples = resampled.to_ndarray().reshape(-1)
+          first = int(round(((resampled.time or 0.0) - self._start) * self._rate))
+          self._place(out, first, samples, until)
+          self._reach = max(self._reach, first + len(samples))
+          self.last_time = max(self.last_time, self._start + (first + len(samples)) / self._rate)
+          done = first + len(samples) >= self.num_samples
+        self._done = done
+    except (av.FFmpegError, ArithmeticError, ValueError, TypeError) as e:
+      raise self._failed('audio decoding', e) from e
+    self.delivered = max(until, self.delivered)
+    return out
+
+
+class ChunkReader:
+  """A clip read from its file chunk by chunk, as a player reaches each chunk: `read()` decodes the next chunk's
+  frames and audio and returns its model inputs, those of evaluation's decoding of the whole clip.
+
+  Frames: the whole clip's sample times (media.segment_times over [start, end]) restricted to the chunk, with
+  evaluation's resize and centre crop: the same arrays as read_clip's chunk. Each frame of the file is decoded
+  once; nothing past the first frame after the chunk's last sample time (whose timestamp ends the display of the
+  one before) has been decoded when the chunk is returned. Audio: the chunk's samples, decoded forward (at most
+  one audio frame past the chunk's end), and its log-mel from what has been heard so far (audio.LogMelStream): the
+  whole clip's wherever the chunk's spectrogram windows were wholly heard and the loudest frame so far is the
+  clip's loudest.
+  Each chunk costs its own span: constant work per chunk, whatever its position in the clip.
+  """
+
+  def __init__(self, config, data: Mapping[str, Any], path: str, start: float, end: float, has_audio: bool):
+    m = config.model
+    self.num_chunks, num_frames = int(m.num_chunks), int(m.num_frames)
+    self.chunk_bounds = media.chunk_bounds(start, end, self.num_chunks)
+    self._times = media.segment_times(start, end, num_frames).reshape(self.num_chunks, -1)
+    limits = media.MediaLimits.from_config(data)
+    height, width = m.image_size
+    sample_rate = data.get('sample_rate', 16_000)
+    self._mel_bins, self._audio_frames = int(m.mel_bins), int(m.audio_frames_per_chunk)
+    self.chunk = 0  # chunks read so far
+    self._audio = self._mel = None
+    self._video = _FramePlayer(path, limits, media.DecodeOptions.from_config(data), self._times[0, 0],
+                               max(height, width), (height, width))
+    try:
+      if has_audio:
+        self._audio = _AudioPlayer(path, limits, start, end, sample_rate)
+        bounds = [(a - start, b - start) for a, b in self.chunk_bounds]  # as the pipeline gives chunk_log_mel
+        self._mel = audio_lib.LogMelStream(self._audio.num_samples, bounds, self._audio_frames, sample_rate,
+                                           data.get('window_ms', 25.0), data.get('hop_ms', 10.0), self._mel_bins)
+    except BaseException:
+      self.close()
+      raise
+
+  def __enter__(self) -> 'ChunkReader':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def close(self) -> None:
+    for player in (self._video, self._audio):
+      if player is not None:
+        player.close()
+
+  @property
+  def video_frames_decoded(self) -> int:
+    return self._video.frames_decoded
+
+  @property
+  def video_time(self) -> float:
+    """The timestamp of the last video frame decoded, in seconds of the file."""
+    return self._video.last_time
+
+  @property
+  def audio_time(self) -> float:
+    """The end of the last audio decoded, in seconds of the file (-inf without audio)."""
+    return -np.inf if self._audio is None else self._audio.last_time
+
+  @property
+  def audio_tail_samples(self) -> int:
+    """Samples of earlier chunks kept for the next chunk's first spectrogram windows."""
+    return 0 if self._mel is None else self._mel.tail_samples
+
+  def read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The next chunk's (video [1, k, H, W, 3] uint8, audio [1, F, M] float32 log-mel, audio_mask [1] bool)."""
+    t = self.chunk
+    if t >= self.num_chunks:
+      raise ValueError(f'the clip has {self.num_chunks} chunks, all read')
+    video = self._video.next_frames(self._times[t])
+    if self._mel is None:
+      audio = np.full((self._audio_frames, self._mel_bins), audio_lib.SILENCE_DB, np.float32)
+    else:
+      _, until = self._mel.chunk_samples(t)
+      audio = self._mel.push(self._audio.next_samples(until))
+    self.chunk += 1
+    return video[None], audio[None], np.array([self._mel is not None])
+
+
+@dataclasses.dataclass
+class LiveClip:
+  """A clip to stream from its file: its prompt and bounds, and `reader()` for its chunks, decoded as they come."""
+  record: dict[str, Any]
+  prompt: str
+  chunk_bounds: list[tuple[float, float]]
+  text: tuple[np.ndarray, np.ndarray]  # (text_tokens [1, L], text_loss_mask [1, L])
+  has_audio: bool
+  reader: Callable[[], ChunkReader]
+
+  @property
+  def start(self) -> float:
+    return self.chunk_bounds[0][0]
+
+  @property
+  def end(self) -> float:
+    return self.chunk_bounds[-1][1]
+
+
+def open_clip(config, task: Task, path: str, start: Optional[float] = None, end: Optional[float] = None,
+              question: Optional[str] = None, processor=None) -> LiveClip:
+  """The record of read_clip, checked against the file's header and prompted alike, with nothing decoded yet: its
+  reader() decodes the chunks one at a time."""
+  record, data, info = _request(task, path, start, end, question)
+  prompt, tokens, loss_mask = _prompt_tokens(config, task, record, processor)
+  bounds = media.chunk_bounds(record['start'], record['end'], config.model.num_chunks)
+
+  def reader() -> ChunkReader:
+    try:
+      return ChunkReader(config, data, record['video_path'], record['start'], record['end'], info.has_audio)
+    except media.MediaError as e:
+      raise AnswerError(str(e)) from None
+
+  return LiveClip(record, prompt, bounds, (tokens[None], loss_mask[None]), info.has_audio, reader)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,22 +731,29 @@ class Answerer:
       return jax.jit(step).lower(self.params, *chunk, state, self._latent_shape()).compile()
     return self._program(build, 'step')
 
-  def prepare(self, clip: Clip, stream: bool) -> float:
-    """Compiles what answering `clip` runs (with `stream`, the chunk step and the answer over each number of chunks)
-    and runs each program once, on the clip's first chunk or the whole clip: the first run of a compiled program
-    costs more than the next (about 100 ms on CPU), and the times printed are of the next. Returns the seconds it
-    took."""
+  def prepare(self, clip, stream: bool) -> float:
+    """Compiles what answering `clip` (a Clip, or with `stream` a LiveClip) runs (with `stream`, the chunk step and
+    the answer over each number of chunks) and runs each program once, on a blank chunk or the whole clip: the
+    first run of a compiled program costs more than the next (about 100 ms on CPU), and the times printed are of
+    the next. Nothing of the file is read. Returns the seconds it took."""
     start = time.perf_counter()
-    text = (self.params, clip.example['text_tokens'], clip.example['text_loss_mask'])
+    text = (self.params, *clip.text)
     if stream:
       state, latents = self._stream_start()
-      state, latents = self.step_program()(self.params, *self._chunk(clip, 0), state, latents)
+      state, latents = self.step_program()(self.params, *self._blank_chunk(), state, latents)
       for t in range(1, self.num_chunks + 1):
         jax.block_until_ready(self.respond_program(t)(*text, latents))
     else:
       latents = self.encode_program()(self.params, clip.example)
       jax.block_until_ready(self.respond_program(self.num_chunks)(*text, latents))
     return time.perf_counter() - start
+
+  def _blank_chunk(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A chunk of the model's shapes (black frames, no audio), to run the chunk step once before a clip's."""
+    video, audio = self._shapes['video'], self._shapes['audio']
+    return (np.zeros(video.shape[:1] + video.shape[2:], video.dtype),
+            np.full(audio.shape[:1] + audio.shape[2:], audio_lib.SILENCE_DB, audio.dtype),
+            np.zeros(self._shapes['audio_mask'].shape, self._shapes['audio_mask'].dtype))
 
   # -- running --------------------------------------------------------------------------------------------------
 
@@ -429,19 +784,40 @@ class Answerer:
     example = clip.example
     return example['video'][:, t], example['audio'][:, t], example['audio_mask']
 
-  def stream(self, clip: Clip) -> Iterator[tuple[int, Reply, float, float]]:
-    """Feeds the clip's chunks one at a time; yields after each (t, the reply given chunks 1..t, seconds of the
-    chunk step, seconds of the reply)."""
+  def _steps(self, text: tuple[np.ndarray, np.ndarray], next_chunk: Callable[[int], tuple[np.ndarray, ...]]
+             ) -> Iterator[tuple[int, Reply, float, float, float]]:
+    """For t = 1..T: next_chunk(t - 1) -> the chunk step -> the reply given chunks 1..t; yields (t, reply, seconds
+    of next_chunk, of the chunk step, of the reply)."""
     step = self.step_program()
-    text = (self.params, clip.example['text_tokens'], clip.example['text_loss_mask'])
+    text = (self.params, *text)
     state, latents = self._stream_start()
     for t in range(self.num_chunks):
       started = time.perf_counter()
-      state, latents = step(self.params, *self._chunk(clip, t), state, latents)
+      chunk = next_chunk(t)
+      read = time.perf_counter()
+      state, latents = step(self.params, *chunk, state, latents)
       jax.block_until_ready(latents)
       encoded = time.perf_counter()
       reply = self._reply(self.respond_program(t + 1)(*text, latents))
-      yield t + 1, reply, encoded - started, time.perf_counter() - encoded
+      yield t + 1, reply, read - started, encoded - read, time.perf_counter() - encoded
+
+  def stream(self, clip: Clip) -> Iterator[tuple[int, Reply, float, float]]:
+    """Feeds a decoded clip's chunks one at a time; yields after each (t, the reply given chunks 1..t, seconds of
+    the chunk step, seconds of the reply)."""
+    for t, reply, _, step_s, reply_s in self._steps(clip.text, lambda t: self._chunk(clip, t)):
+      yield t, reply, step_s, reply_s
+
+  def play(self, clip: LiveClip) -> Iterator[tuple[int, Reply, float, float, float]]:
+    """Reads the clip from its file chunk by chunk (ChunkReader: chunk t is decoded when the stream reaches it) and
+    feeds each chunk to the model as it comes; yields after each (t, the reply given chunks 1..t, seconds of
+    decoding the chunk, of the chunk step, of the reply)."""
+    with clip.reader() as reader:
+      def next_chunk(t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        try:
+          return reader.read()
+        except media.MediaError as e:
+          raise AnswerError(f'chunk {t + 1}: {e}') from None
+      yield from self._steps(clip.text, next_chunk)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -461,13 +837,16 @@ def run(workdir: str, video: str, question: Optional[str] = None, start: Optiona
   """The `answer` command: prints the reply to `question` about `video` [start, end] (a caption without a
   question), or with `stream` the reply after each chunk with its time; returns the replies (one, or one a chunk).
   """
-  if not os.path.isdir(workdir):
+  if not paths.isdir(workdir):
     raise AnswerError(f'{workdir}: no such workdir')
   config = load_config(workdir, config)
   chosen = choose_task(config.data, question, task)
   settings = decode_settings(config, chosen, beam, max_new_tokens)
   processor = pipeline.load_tokenizer(config.data, config.model)
-  clip = read_clip(config, chosen, video, start, end, question, processor)
+  if stream:
+    clip = open_clip(config, chosen, video, start, end, question, processor)
+  else:
+    clip = read_clip(config, chosen, video, start, end, question, processor)
   step, params = restore_params(config, workdir, step)
   answerer = Answerer(config, params, processor, settings)
   m = config.model
@@ -475,7 +854,7 @@ def run(workdir: str, video: str, question: Optional[str] = None, start: Optiona
   out(f'{workdir}/checkpoints/{step}, task {_describe(chosen.name, chosen.data)}, {how}')
   out(f'clip {clip.record["id"]} {clip.start:.2f}-{clip.end:.2f} s: {m.num_chunks} chunks of '
       f'{(clip.end - clip.start) / m.num_chunks:.2f} s, {m.num_frames // m.num_chunks} frames each, '
-      f'{"with" if clip.example["audio_mask"][0] else "without"} audio')
+      f'{"with" if clip.has_audio else "without"} audio')
   if clip.prompt:
     out(f'prompt: {clip.prompt!r}')
   label = chosen.kind
@@ -490,12 +869,12 @@ def run(workdir: str, video: str, question: Optional[str] = None, start: Optiona
     out(f'{1e3 * (done - started):.1f} ms: encode {1e3 * (encoded - started):.1f} + {label} '
         f'{1e3 * (done - encoded):.1f} (compiled and run once before, in {compile_s:.1f} s)')
     return [reply]
-  out(f'streaming: the chunk step and the {label} over 1 to {m.num_chunks} chunks compiled and run once, in '
-      f'{compile_s:.1f} s')
+  out(f'streaming from the file: the chunk step and the {label} over 1 to {m.num_chunks} chunks compiled and run '
+      f'once, in {compile_s:.1f} s; per chunk, the time decoding it, then the model\'s (step + {label})')
   replies = []
-  for t, reply, step_s, reply_s in answerer.stream(clip):
+  for t, reply, decode_s, step_s, reply_s in answerer.play(clip):
     replies.append(reply)
-    out(f'chunk {t}/{m.num_chunks}  {clip.start:.2f}-{clip.chunk_bounds[t - 1][1]:.2f} s  '
-        f'{1e3 * (step_s + reply_s):5.1f} ms (step {1e3 * step_s:.1f} + {label} {1e3 * reply_s:.1f})  '
-        f'{label}: {format_reply(reply)}')
+    out(f'chunk {t}/{m.num_chunks}  {clip.start:.2f}-{clip.chunk_bounds[t - 1][1]:.2f} s  decode '
+        f'{1e3 * decode_s:5.1f} ms  {1e3 * (step_s + reply_s):5.1f} ms (step {1e3 * step_s:.1f} + {label} '
+        f'{1e3 * reply_s:.1f})  {label}: {format_reply(reply)}')
   return replies

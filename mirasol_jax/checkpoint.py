@@ -7,7 +7,6 @@ WORKDIR/checkpoints.damaged/.
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -21,6 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+from mirasol_jax import paths
 
 DAMAGED = 'checkpoints.damaged'
 
@@ -48,7 +49,7 @@ def manager(workdir: str, keep: int, asynchronous: bool = True, clean_temporary:
   beside a trainer whose save in progress is such a folder."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=asynchronous,
                                          cleanup_tmp_directories=clean_temporary)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'), options=options,
+  return ocp.CheckpointManager(paths.join(paths.absolute(workdir), 'checkpoints'), options=options,
                                item_names=('state', 'data', 'config'))
 
 
@@ -73,17 +74,15 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any, iterato
 
 def checkpoints_folder(path: str) -> str:
   """The checkpoints folder of a run: `path` itself when it is one, else path/checkpoints."""
-  path = os.path.abspath(path)
-  return path if os.path.basename(os.path.normpath(path)) == 'checkpoints' else os.path.join(path, 'checkpoints')
+  path = paths.absolute(path)
+  return path if paths.basename(path) == 'checkpoints' else paths.join(path, 'checkpoints')
 
 
 def saved_steps(folder: str) -> list[int]:
   """The steps of the finalised step folders in `folder`, oldest first (orbax names them by the step, and writes a
   save in progress to a `<step>.orbax-checkpoint-tmp-*` folder, renamed when complete)."""
-  if not os.path.isdir(folder):
-    return []
-  return sorted(int(name) for name in os.listdir(folder)
-                if name.isdigit() and os.path.isdir(os.path.join(folder, name)))
+  return sorted(int(name) for name in paths.listdir(folder)
+                if name.isdigit() and paths.isdir(paths.join(folder, name)))
 
 
 def incomplete(folder: str, step: int) -> Optional[str]:
@@ -94,15 +93,14 @@ def incomplete(folder: str, step: int) -> Optional[str]:
   or a sync, a disk that filled, a file system that lost files in a crash. Damage inside the arrays shows only when
   they are read (see _newest).
   """
-  path = os.path.join(folder, str(step))
+  path = paths.join(folder, str(step))
   for item in ('state', 'data'):
-    if not os.path.isdir(os.path.join(path, item)):
+    if not paths.isdir(paths.join(path, item)):
       return f'it has no {item}/ folder'
-  iterator_states = glob.glob(os.path.join(path, 'data', 'process_*.json'))
+  iterator_states = paths.glob(paths.join(path, 'data'), 'process_*.json')
   try:
-    for name in [os.path.join(path, 'state', '_METADATA'), *iterator_states]:
-      with open(name) as f:
-        json.load(f)
+    for name in [paths.join(path, 'state', '_METADATA'), *iterator_states]:
+      json.loads(paths.read_bytes(name))
   except (OSError, ValueError) as error:
     return f'its metadata does not read ({error})'
   return None if iterator_states else 'its data/ folder holds no iterator state'
@@ -153,13 +151,13 @@ def _newest(folder: str, steps: Sequence[int], read: Callable[[int], Any]) -> tu
 def set_aside(workdir: str, step: int) -> str:
   """Moves checkpoints/<step> of a run to checkpoints.damaged/<step> (<step>-2, <step>-3, ... when that is taken);
   returns where it went."""
-  damaged = os.path.join(os.path.abspath(workdir), DAMAGED)
-  os.makedirs(damaged, exist_ok=True)
-  target, copy = os.path.join(damaged, str(step)), 1
-  while os.path.exists(target):
+  damaged = paths.join(paths.absolute(workdir), DAMAGED)
+  paths.makedirs(damaged)
+  target, copy = paths.join(damaged, str(step)), 1
+  while paths.exists(target):
     copy += 1
-    target = os.path.join(damaged, f'{step}-{copy}')
-  os.rename(os.path.join(checkpoints_folder(workdir), str(step)), target)
+    target = paths.join(damaged, f'{step}-{copy}')
+  paths.move(paths.join(checkpoints_folder(workdir), str(step)), target)
   return target
 
 
@@ -175,7 +173,7 @@ def resume(mngr: ocp.CheckpointManager, workdir: str, abstract_state: Any, itera
   folder = checkpoints_folder(workdir)
 
   def read(step: int) -> Any:
-    _check_fits(os.path.join(folder, str(step), 'state'), abstract_state['params'], f'{folder}/{step}')
+    _check_fits(paths.join(folder, str(step), 'state'), abstract_state['params'], f'{folder}/{step}')
     return restore(mngr, step, abstract_state, iterator)
 
   step, state, damaged = _newest(folder, mngr.all_steps(), read)
@@ -232,12 +230,12 @@ def _read_params(state: str, params: Optional[Any] = None) -> Any:
 def _whole_step(folder: str, step: int) -> str:
   """The state item of folder/<step>, a checkpoint asked for by its step: an error says when it is missing or
   damaged."""
-  if not os.path.isdir(os.path.join(folder, str(step))):
+  if not paths.isdir(paths.join(folder, str(step))):
     raise FileNotFoundError(f'{folder} has no checkpoint of step {step} (it has {saved_steps(folder) or "none"})')
   why = incomplete(folder, step)
   if why:
     raise FileNotFoundError(f'{folder}/{step} is damaged: {why}')
-  return os.path.join(folder, str(step), 'state')
+  return paths.join(folder, str(step), 'state')
 
 
 def _read_newest(path: str, read: Callable[[str], Any]) -> tuple[int, Any]:
@@ -245,7 +243,7 @@ def _read_newest(path: str, read: Callable[[str], Any]) -> tuple[int, Any]:
   and its step. Damaged newer ones are passed over with a warning naming them, and left where they are: this may
   run beside the run's trainer, which alone moves them."""
   folder = checkpoints_folder(path)
-  step, result, passed = _newest(folder, saved_steps(folder), lambda s: read(os.path.join(folder, str(s), 'state')))
+  step, result, passed = _newest(folder, saved_steps(folder), lambda s: read(paths.join(folder, str(s), 'state')))
   if jax.process_index() == 0:
     for bad, why in sorted(passed.items()):
       logging.warning('%s/%d cannot be read (%s); %s', folder, bad, why,

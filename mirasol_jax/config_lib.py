@@ -90,6 +90,12 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       # seconds to open and decode one example's media, checked while probing the file and after every packet and
       # frame (PyAV cannot stop FFmpeg inside one packet);
       decode_timeout_s=60.0,
+      # How frames are found, never which (data/media.py DecodeOptions): seek past stretches of a clip that no sampled
+      # frame needs (off: see DecodeOptions), let the decoder skip the unreferenced frames no sampled frame shows, and
+      # decoder threads per process (0: one per data worker, two in the trainer's process without workers).
+      decode_seek=False,
+      decode_skip_unneeded=True,
+      decode_threads=0,
       # a jsonl line longer than this is a bad record (a line is held whole to parse it);
       max_line_bytes=1 << 20,
       # `convert` does not embed a larger media file (a shard holds each file whole).

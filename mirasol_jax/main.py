@@ -6,7 +6,8 @@
   python -m mirasol_jax.main forward   --config=configs/demo.py --workdir=DIR
   python -m mirasol_jax.main forward   --config=configs/pretrain.py:size=small [--batch_size=2]
   python -m mirasol_jax.main tokenizer --config=configs/demo.py --workdir=DIR
-  python -m mirasol_jax.main convert   --config=... --format=array_record|tfds --output=DIR [--num_shards=4]
+  python -m mirasol_jax.main convert   --config=... --format=array_record|tfds|resampled --output=DIR [--num_shards=4]
+                                       [--video_codec=h264|raw] [--frames_per_segment=1]
   python -m mirasol_jax.main probe     --config=configs/demo.py --workdir=DIR [--probe_examples=N] [--probe_init]
   python -m mirasol_jax.main answer    --workdir=DIR --video=FILE [--start=S --end=E] [--question=TEXT] [--stream]
   python -m mirasol_jax.main tables    WORKDIR [WORKDIR ...]
@@ -21,11 +22,13 @@ names no data), a training-mode forward pass, greedy decoding with the KV cache,
 prints what each gives. `tokenizer` trains a SentencePiece model (config.model.vocab_size pieces, byte fallback) on
 the text of the training split and writes it to config.data.tokenizer, or to WORKDIR/tokenizer.model when that is
 empty. `convert` writes every split of the dataset folder as ArrayRecord shards or as a TFDS dataset, media bytes
-inside. `probe` fits linear probes from the output of each audio-video tower of the workdir's latest checkpoint to
+inside, or (`--format=resampled`) as a dataset folder whose media hold each clip at the frame size and frame rate
+training reads (data/resample.py). `probe` fits linear probes from the output of each audio-video tower of the workdir's latest checkpoint to
 the answers (evaluators/probe.py). `answer` answers a question about any media file (captions it without
 --question) with the workdir's run (its config.json, tokenizer and newest checkpoint), decoded and prompted as
-evaluation decodes a record, and prints the answer and its log-probability; with --stream it feeds the clip chunk by
-chunk as if it were playing and prints the answer after each chunk and the time the chunk took (answer.py). Any
+evaluation decodes a record, and prints the answer and its log-probability; with --stream it reads the file chunk by
+chunk as if it were playing and prints after each chunk the answer given what has been seen so far, the time
+decoding the chunk took and the model's time (answer.py). Any
 config field can be overridden: `--config.model.combiner=qformer`, `--config.data.path=DIR`.
 """
 from __future__ import annotations
@@ -40,7 +43,13 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file, optionally with :arg.', lock_config=True)
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 2, '`forward`: examples in the random batch.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the run: config, checkpoints, metrics, tokenizer.')
-_FORMAT = flags.DEFINE_enum('format', 'array_record', ['array_record', 'tfds'], '`convert`: output format.')
+_FORMAT = flags.DEFINE_enum('format', 'array_record', ['array_record', 'tfds', 'resampled'],
+                            '`convert`: output format; resampled: a dataset folder of the clips at the frame size and '
+                            'frame rate training reads (mirasol_jax/data/resample.py).')
+_VIDEO_CODEC = flags.DEFINE_enum('video_codec', 'h264', ['h264', 'raw'], '`convert --format=resampled`: frames as '
+                                 'H.264 (small) or decoded (raw: the fastest to read, 180 KB a frame of 460x258).')
+_FRAMES_PER_SEGMENT = flags.DEFINE_integer('frames_per_segment', 1, '`convert --format=resampled`: frames stored per '
+                                           'sampled segment (odd); more keep a finer training jitter.')
 _OUTPUT = flags.DEFINE_string('output', None, '`convert`: output folder.')
 _NUM_SHARDS = flags.DEFINE_integer('num_shards', 4, '`convert`: ArrayRecord shards per split.')
 _STEP = flags.DEFINE_integer('step', None, '`eval`, `answer`: the checkpoint step to use (default the latest).')
@@ -53,8 +62,8 @@ _START = flags.DEFINE_float('start', None, '`answer`: where the clip starts in t
 _END = flags.DEFINE_float('end', None, '`answer`: where the clip ends, in seconds (default the end of the file).')
 _QUESTION = flags.DEFINE_string('question', None, '`answer`: the question; without it the clip is captioned, if the '
                                 'run trained a captioning task.')
-_STREAM = flags.DEFINE_bool('stream', False, '`answer`: feed the clip chunk by chunk as if it were playing and '
-                            'answer after each chunk.')
+_STREAM = flags.DEFINE_bool('stream', False, '`answer`: read the clip from the file chunk by chunk as if it were '
+                            'playing and answer after each chunk.')
 _BEAM = flags.DEFINE_integer('beam', None, '`answer`: beam size (1: greedy; default the run\'s evaluator\'s).')
 _MAX_NEW_TOKENS = flags.DEFINE_integer('max_new_tokens', None, '`answer`: tokens to generate at most (default the '
                                        'run\'s evaluator\'s).')
@@ -206,7 +215,6 @@ def summarize(config, workdir: str, result, seconds: float) -> None:
   video) and a few answered questions; for captioning CIDEr-D, BLEU-4, ROUGE-L and a few captions; for multiple
   choice and classification the accuracies per group; and the last update ratio of each tower."""
   import jax
-  import os
   import textwrap
   from mirasol_jax.data import sources
   from mirasol_jax.data import tasks
@@ -253,7 +261,7 @@ def summarize(config, workdir: str, result, seconds: float) -> None:
                                      for k in main) +
             (' (' + ', '.join(f'{k.split("/", 1)[1]} {100 * metrics[k]:.1f}%' for k in groups) + ')' if groups
              else ''))
-  step, ratios = _last_update_ratios(os.path.join(workdir, 'metrics.jsonl'))
+  step, ratios = _last_update_ratios(workdir)
   if ratios:
     text = ' '.join(f'{tower}={ratio:.1e}' if ratio else f'{tower}=0' for tower, ratio in ratios.items())
     print(textwrap.fill(f'update / parameter norm per step (train/update_ratio, step {step}): {text}', width=100,
@@ -262,41 +270,34 @@ def summarize(config, workdir: str, result, seconds: float) -> None:
 
 def _last_predictions(workdir: str, name: str) -> list[dict]:
   """The predictions file of evaluator `name` of the latest step."""
-  import glob
   import json
-  import os
-  files = sorted(glob.glob(os.path.join(workdir, 'predictions', f'{name}_*.jsonl')),
-                 key=lambda f: int(f.rsplit('_', 1)[1].split('.')[0]))
-  if not files:
+  import re
+  from mirasol_jax import paths
+
+  steps = [int(m.group(1)) for f in paths.listdir(paths.join(workdir, 'predictions'))
+           if (m := re.fullmatch(re.escape(name) + r'_(\d+)\.jsonl', f))]
+  if not steps:
     return []
-  with open(files[-1]) as f:
-    return [json.loads(line) for line in f]
+  text = paths.read_text(paths.join(workdir, 'predictions', f'{name}_{max(steps)}.jsonl'))
+  return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _records(source) -> list:
   return [source[i] for i in range(len(source))]
 
 
-def _last_update_ratios(metrics_path: str) -> tuple[int, dict[str, float]]:
+def _last_update_ratios(workdir: str) -> tuple[int, dict[str, float]]:
   """The step and the train/update_ratio/<tower> values (in mirasol.TOWERS order) of the last line of
   metrics.jsonl that has them."""
-  import json
-  import os
-  from mirasol_jax import metrics
+  from mirasol_jax import paper
   from mirasol_jax.models import mirasol
 
-  last = (0, {})
-  if os.path.exists(metrics_path):
-    with open(metrics_path, 'rb') as f:  # bytes: a damaged line need not be UTF-8
-      for line in f:
-        if metrics.step_of(line) is None:  # blank, torn by a kill, or damaged
-          continue
-        scalars = json.loads(line)
-        ratios = {tower: scalars[f'train/update_ratio/{tower}'] for tower in mirasol.TOWERS
-                  if f'train/update_ratio/{tower}' in scalars}
-        if ratios:
-          last = (scalars['step'], ratios)
-  return last
+  for scalars in reversed(paper.read_metrics(workdir)):
+    ratios = {tower: scalars[f'train/update_ratio/{tower}'] for tower in mirasol.TOWERS
+              if isinstance(scalars.get(f'train/update_ratio/{tower}'), (int, float))}
+    if ratios and isinstance(scalars.get('step'), int):
+      return scalars['step'], ratios
+  return 0, {}
 
 
 def _probe_params(config, model, workdir: str, from_init: bool):
@@ -334,7 +335,7 @@ def probe(config, workdir: str, max_examples, from_init: bool) -> dict:
   the checkpoint's step (0 for an initialisation). Returns run's result."""
   import functools
   import json
-  import os
+  from mirasol_jax import paths
   import jax
   from mirasol_jax import metrics
   from mirasol_jax import train
@@ -344,7 +345,7 @@ def probe(config, workdir: str, max_examples, from_init: bool) -> dict:
   from mirasol_jax.evaluators import probe as probe_lib
   from mirasol_jax.models import mirasol
 
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   model = mirasol.Model(**config.model)
   params, step, origin = _probe_params(config, model, workdir, from_init)
   print(f'probing {origin} (step {step})')
@@ -365,20 +366,20 @@ def probe(config, workdir: str, max_examples, from_init: bool) -> dict:
   print(f'probes fitted in {time.perf_counter() - start:.1f}s')
   for line in probe_lib.table(result, config.data.eval_split):
     print(line)
-  with open(os.path.join(workdir, 'probe.json'), 'w') as f:
-    json.dump({'step': step, 'params': origin, 'train_split': config.data.train_split,
-               'eval_split': config.data.eval_split, 'group_by': group_by, **result}, f, indent=1)
+  paths.write_text(paths.join(workdir, 'probe.json'), json.dumps(
+      {'step': step, 'params': origin, 'train_split': config.data.train_split, 'eval_split': config.data.eval_split,
+       'group_by': group_by, **result}, indent=1))
   metrics.append(workdir, step, result['metrics'])
   return result
 
 
 def train_tokenizer(config, workdir) -> str:
   """Trains the run's tokenizer on the training split's text; returns its path."""
-  import os
+  from mirasol_jax import paths
   from mirasol_jax.data import sources
   from mirasol_jax.data import tokenizer
 
-  path = config.data.tokenizer or (os.path.join(workdir, 'tokenizer.model') if workdir else None)
+  path = config.data.tokenizer or (paths.join(workdir, 'tokenizer.model') if workdir else None)
   if not path:
     raise app.UsageError('set --config.data.tokenizer=PATH or --workdir=DIR for the tokenizer to write')
   source = sources.open_source(config.data, config.data.train_split)
@@ -396,6 +397,10 @@ def convert(config, output: str, output_format: str, num_shards: int) -> None:
   from mirasol_jax.data import sources
   from mirasol_jax.data import tfds_source
 
+  if output_format == 'resampled':
+    from mirasol_jax.data import resample
+    resample.convert(config, output, frames_per_segment=_FRAMES_PER_SEGMENT.value, video_codec=_VIDEO_CODEC.value)
+    return
   folder = sources.dataset_folder(config.data)
   media_root = config.data.get('media_root') or None
   allow_outside = bool(config.data.get('allow_outside_media', False))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mirasol_jax import paths
 from mirasol_jax.models import mirasol
 
 
@@ -34,32 +35,28 @@ class Writer:
 
   def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
     self._enabled = enabled
-    self._jsonl = os.path.join(workdir, 'metrics.jsonl')
+    self._jsonl = paths.join(workdir, 'metrics.jsonl')
     self._tb = None
     if not enabled:
       return
-    if os.path.exists(self._jsonl):
-      with open(self._jsonl, 'rb') as f:
-        lines = f.read().split(b'\n')
+    if paths.exists(self._jsonl):
+      lines = paths.read_bytes(self._jsonl).split(b'\n')
       steps = [step_of(line) for line in lines]
       kept = [line + b'\n' for line, step in zip(lines, steps) if step is not None and step <= resume_step]
       unreadable = [i + 1 for i, (line, step) in enumerate(zip(lines, steps)) if step is None and line.strip()]
       if unreadable:
         logging.warning('%s: dropped line(s) %s, which are not whole metrics (torn by a kill, or damaged)', self._jsonl,
                         ', '.join(map(str, unreadable)))
-      # Replaced in one rename: a run killed here keeps the old file or the new one, never half of either.
-      with open(self._jsonl + '.tmp', 'wb') as f:
-        f.writelines(kept)
-      os.replace(self._jsonl + '.tmp', self._jsonl)
-    from tensorboardX import SummaryWriter
-    self._tb = SummaryWriter(workdir, flush_secs=10)
+      # Replaced whole: a run killed here keeps the old file or the new one, never half of either.
+      paths.write_bytes(self._jsonl, b''.join(kept))
+    self._appender = paths.Appender(self._jsonl)
+    self._tb = paths.summary_writer(workdir, flush_secs=10)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self._enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    with open(self._jsonl, 'a') as f:
-      f.write(json.dumps({'step': int(step), **scalars}) + '\n')
+    self._appender.append((json.dumps({'step': int(step), **scalars}) + '\n').encode())
     for key, value in scalars.items():
       self._tb.add_scalar(key, value, step)
 
@@ -72,16 +69,19 @@ def append(workdir: str, step: int, scalars: Mapping[str, float]) -> None:
   """Appends one line of scalars at `step` to workdir/metrics.jsonl: values computed outside a training run (the
   `probe` command). Unlike Writer it never rewrites the file, so it is safe beside a trainer that writes the same
   file; scalars appended again for the same step (a checkpoint probed twice) make a later line, which holds the
-  newer values. A torn last line (a killed run's) is ended first, so that this line stays whole."""
-  path = os.path.join(workdir, 'metrics.jsonl')
+  newer values. A torn last line (a killed run's) is ended first, so that this line stays whole. (On an object store
+  a file is rewritten whole, so a line appended while a trainer writes the same file may be lost.)"""
+  path = paths.join(workdir, 'metrics.jsonl')
   torn = False
-  if os.path.exists(path) and os.path.getsize(path):
+  if paths.object_store(path):
+    data = paths.read_bytes(path) if paths.exists(path) else b''
+    torn = bool(data) and not data.endswith(b'\n')
+  elif os.path.exists(path) and os.path.getsize(path):
     with open(path, 'rb') as f:
       f.seek(-1, os.SEEK_END)
       torn = f.read(1) != b'\n'
-  with open(path, 'a') as f:
-    f.write(('\n' if torn else '') + json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) +
-            '\n')
+  line = json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n'
+  paths.Appender(path).append((('\n' if torn else '') + line).encode())
 
 
 def matmul_peak_flops(device: Optional[jax.Device] = None, size: int = 1024, dtype=jnp.float32,

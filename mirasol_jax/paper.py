@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from typing import Any, Mapping, Optional, Sequence
 
 import ml_collections
 
 from mirasol_jax import config_lib
+from mirasol_jax import paths
 
 HEADLINE = ('accuracy', 'top1', 'top5', 'cider', 'bleu4', 'rouge_l', 'mean_ap')
 DASH = '—'
@@ -119,26 +119,24 @@ def finetune_config(name: str, arg: Optional[str], *, prompt: str, target: str, 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """The lines of WORKDIR/metrics.jsonl that are JSON objects, in order ([] without the file)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
+  path = paths.join(workdir, 'metrics.jsonl')
+  if not paths.exists(path):
     return []
   lines = []
-  with open(path, encoding='utf-8', errors='replace') as f:
-    for line in f:
-      try:
-        value = json.loads(line)
-      except ValueError:  # torn by a kill, or blank
-        continue
-      if isinstance(value, dict):
-        lines.append(value)
+  for line in paths.read_bytes(path).decode('utf-8', errors='replace').split('\n'):
+    try:
+      value = json.loads(line)
+    except ValueError:  # torn by a kill, or blank
+      continue
+    if isinstance(value, dict):
+      lines.append(value)
   return lines
 
 
 def read_config(workdir: str) -> dict[str, Any]:
   """WORKDIR/config.json as a dict ({} without it or when it cannot be read)."""
   try:
-    with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
-      config = json.load(f)
+    config = json.loads(paths.read_text(paths.join(workdir, 'config.json')))
   except (OSError, ValueError):
     return {}
   return config if isinstance(config, dict) else {}
@@ -218,9 +216,9 @@ def results(workdirs: Sequence[str]) -> list[dict[str, Any]]:
   for workdir in workdirs:
     config, lines = read_config(workdir), read_metrics(workdir)
     benchmark, note = identify(config, lines)
-    if not os.path.isdir(workdir):
+    if not paths.isdir(workdir):
       note = 'not a folder'
-    elif not os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
+    elif not paths.exists(paths.join(workdir, 'metrics.jsonl')):
       note = note or 'no metrics.jsonl'
     if benchmark is not None:
       line = last(lines, benchmark.key)

@@ -7,12 +7,11 @@ change.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
-import shutil
 import signal
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -21,12 +20,13 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mirasol_jax import checkpoint
 from mirasol_jax import flops
 from mirasol_jax import metrics as metrics_lib
 from mirasol_jax import optimizer
+from mirasol_jax import paths
 from mirasol_jax import pretrained
 from mirasol_jax import sharding
 from mirasol_jax.data import pipeline
@@ -71,14 +71,13 @@ def ensure_tokenizer(config, workdir: str) -> None:
   """
   if config.data.tokenizer:
     return
-  path = os.path.join(workdir, 'tokenizer.model')
-  inherited = os.path.join(config.init_from, 'tokenizer.model') if config.get('init_from') else ''
-  if jax.process_index() == 0 and not os.path.exists(path) and inherited and os.path.exists(inherited):
+  path = paths.join(workdir, 'tokenizer.model')
+  inherited = paths.join(config.init_from, 'tokenizer.model') if config.get('init_from') else ''
+  if jax.process_index() == 0 and not paths.exists(path) and inherited and paths.exists(inherited):
     # Fine-tuning: the text decoder loaded from config.init_from reads that run's token ids.
-    shutil.copyfile(inherited, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    paths.copy(inherited, path)
     _log(f'tokenizer of {config.init_from}')
-  if jax.process_index() == 0 and not os.path.exists(path):
+  if jax.process_index() == 0 and not paths.exists(path):
     names = tasks_lib.task_names(config.data) or ['']
     task_configs = [tasks_lib.task_data(config.data, name) for name in names]
     source = [sources.open_source(t, t.train_split) for t in task_configs]
@@ -90,7 +89,7 @@ def ensure_tokenizer(config, workdir: str) -> None:
       _log(f'{source!r} hold no text: no tokenizer, and no text loss')
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('tokenizer')
-  if os.path.exists(path):
+  if paths.exists(path):
     with config.unlocked():
       config.data.tokenizer = path
 
@@ -143,8 +142,8 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict[str, floa
   """
   mesh, rules = _mesh(config)
   if not config.data.tokenizer:
-    path = os.path.join(workdir, 'tokenizer.model')
-    if not os.path.exists(path):
+    path = paths.join(workdir, 'tokenizer.model')
+    if not paths.exists(path):
       raise FileNotFoundError(f'{workdir} has no tokenizer.model and config.data.tokenizer is empty: which tokenizer '
                               'did the model train with?')
     config.unlock()
@@ -185,28 +184,42 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict[str, floa
   return result
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains config.total_steps steps (resuming from workdir if it holds a checkpoint); returns the last result of
-  each evaluator that ran."""
-  # ---------------------------------------------------------------------------------------------------------------
-  # Processes and mesh.
-  os.makedirs(workdir, exist_ok=True)
-  process_index, process_count = jax.process_index(), jax.process_count()
-  mesh, rules = _mesh(config)
-  batch_sharding = sharding.batch_sharding(mesh)
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+  """A config's train step over a mesh, with the shapes and shardings of its state. The trainer compiles it; the
+  benchmarks and ahead-of-time compilation for meshes this machine does not have compile the same thing without
+  any data."""
+  config: Any
+  mesh: Mesh
+  rules: tuple
+  model: mirasol.Model
+  tx: optax.GradientTransformation
+  init_state: Callable[[jax.Array], Any]  # rng -> the boxed state of a fresh run
+  state_shardings: Any
+  abstract: Any  # the state as jax.ShapeDtypeStructs with their shardings
+  batch_shapes: dict[str, jax.ShapeDtypeStruct]  # the global batch, sharded over the batch axes
+  step: Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]  # (state, batch) -> (state, metrics)
+
+  def lower(self):
+    """The jitted step lowered for `abstract` and `batch_shapes`: the state is donated, the metrics replicated."""
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return jax.jit(self.step, in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh)),
+                     out_shardings=(self.state_shardings, replicated), donate_argnums=(0,)).lower(
+                         self.abstract, self.batch_shapes)
+
+  def init(self, seed: int):
+    """A fresh state, initialised in place on its shards."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return jax.jit(lambda rng: nn.unbox(self.init_state(rng)), out_shardings=self.state_shardings)(
+          jax.random.PRNGKey(seed))
+
+
+def build_train_step(config, mesh: Mesh, rules) -> TrainStep:
+  """The model and optimizer of `config`, its train state's shapes and shardings over `mesh`, and the train step:
+  donated state, micro-batches accumulated with lax.scan, frozen parameters' gradients dropped."""
   replicated = NamedSharding(mesh, PartitionSpec())
-
-  # ---------------------------------------------------------------------------------------------------------------
-  # Tokenizer and data.
-  ensure_tokenizer(config, workdir)
-  if process_index == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1))
-  train_iter = pipeline.build(config, config.data.train_split, process_index, process_count)
-  processor = pipeline.load_tokenizer(config.data, config.model) if config.data.tokenizer else None
-
-  # ---------------------------------------------------------------------------------------------------------------
-  # Model, optimizer and the shapes and shardings of the train state.
+  batch_sharding = sharding.batch_sharding(mesh)
   model = mirasol.Model(**config.model)
   tx = optimizer.make(config)
   init_batch = mirasol.example_batch(config, 1)
@@ -221,27 +234,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         lambda s: replicated if s is None else s,
         sharding.logical_shardings(boxed, mesh, rules), is_leaf=lambda x: x is None)
     abstract = checkpoint.abstract_with_shardings(sharding.box_values(boxed), state_shardings)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
-  _log(f'model: {num_params:,} parameters')
 
-  # ---------------------------------------------------------------------------------------------------------------
-  # Restore: this workdir's newest checkpoint that restores (damaged newer ones are set aside), else a sharded init
-  # (with selected parameters of another run). Process 0 deletes the temporary folders of interrupted saves.
-  mngr = checkpoint.manager(workdir, config.get('keep_checkpoints', 3), clean_temporary=True)
-  latest, state = checkpoint.resume(mngr, workdir, abstract, train_iter)
-  if latest is not None:
-    _log(f'resumed from {workdir}/checkpoints/{latest}')
-  else:
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      state = jax.jit(lambda rng: nn.unbox(init_state(rng)), out_shardings=state_shardings)(
-          jax.random.PRNGKey(config.seed))
-    if init_sources(config):
-      state['params'], names = load_init_from(config, state['params'])
-      _log(f'initialised {len(names)} parameter arrays from {", ".join(init_sources(config))}')
-  start_step = int(state['step'])
-
-  # ---------------------------------------------------------------------------------------------------------------
-  # The compiled train step: donated state, micro-batches accumulated with lax.scan.
   microbatches = config.get('microbatches', 1)
 
   def loss_fn(params, batch, rng, denominators=None):
@@ -291,6 +284,48 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   batch_shapes = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
                   for k, (shape, dtype) in mirasol.batch_shapes(config.model, config.batch_size).items()}
+  return TrainStep(config, mesh, tuple(rules), model, tx, init_state, state_shardings, abstract, batch_shapes,
+                   train_step)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains config.total_steps steps (resuming from workdir if it holds a checkpoint); returns the last result of
+  each evaluator that ran."""
+  # ---------------------------------------------------------------------------------------------------------------
+  # Processes and mesh.
+  paths.makedirs(workdir)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  mesh, rules = _mesh(config)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  # ---------------------------------------------------------------------------------------------------------------
+  # Tokenizer and data.
+  ensure_tokenizer(config, workdir)
+  if process_index == 0:
+    paths.write_text(paths.join(workdir, 'config.json'), config.to_json_best_effort(indent=1))
+  train_iter = pipeline.build(config, config.data.train_split, process_index, process_count)
+  processor = pipeline.load_tokenizer(config.data, config.model) if config.data.tokenizer else None
+
+  # ---------------------------------------------------------------------------------------------------------------
+  # Model, optimizer, the shapes and shardings of the train state, and the train step.
+  parts = build_train_step(config, mesh, rules)
+  model, state_shardings, abstract = parts.model, parts.state_shardings, parts.abstract
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract['params']))
+  _log(f'model: {num_params:,} parameters')
+
+  # ---------------------------------------------------------------------------------------------------------------
+  # Restore: this workdir's newest checkpoint that restores (damaged newer ones are set aside), else a sharded init
+  # (with selected parameters of another run). Process 0 deletes the temporary folders of interrupted saves.
+  mngr = checkpoint.manager(workdir, config.get('keep_checkpoints', 3), clean_temporary=True)
+  latest, state = checkpoint.resume(mngr, workdir, abstract, train_iter)
+  if latest is not None:
+    _log(f'resumed from {workdir}/checkpoints/{latest}')
+  else:
+    state = parts.init(config.seed)
+    if init_sources(config):
+      state['params'], names = load_init_from(config, state['params'])
+      _log(f'initialised {len(names)} parameter arrays from {", ".join(init_sources(config))}')
+  start_step = int(state['step'])
 
   # ---------------------------------------------------------------------------------------------------------------
   # Evaluation: the evaluators of config.evals (mirasol_jax/evaluators), each run when it is due.
@@ -307,10 +342,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       result.update(evaluator.evaluate(state['params'], step))
     return result
 
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled_step = jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                            out_shardings=(state_shardings, replicated), donate_argnums=(0,)).lower(
-                                abstract, batch_shapes).compile()
+  compiled_step = parts.lower().compile()
   memory = compiled_step.memory_analysis()
   if memory is not None:
     _log(f'train step memory per device: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, outputs '

@@ -1,12 +1,16 @@
 """The `answer` command (mirasol_jax/answer.py) on a tiny run's workdir: its input and answer are the evaluation
 path's for the same record, its score is the likelihood the evaluators compute, streaming encodes each chunk once and
-ends with the whole clip's answer, it captions without a question, and the errors a user can make are named."""
+ends with the whole clip's answer, it captions without a question, and the errors a user can make are named. The
+live reader of --stream: each chunk decoded from the file when reached, once, with evaluation's frames, and its
+log-mel from the audio heard so far (audio.LogMelStream against chunk_log_mel)."""
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 
+import av
 import flax.linen as nn
 import jax
 import numpy as np
@@ -18,6 +22,9 @@ from mirasol_jax import checkpoint
 from mirasol_jax import config_lib
 from mirasol_jax import decoding
 from mirasol_jax import train
+from mirasol_jax.data import audio as audio_lib
+from mirasol_jax.data import demo_data
+from mirasol_jax.data import media
 from mirasol_jax.data import pipeline
 from mirasol_jax.data import sources
 from mirasol_jax.data import tokenizer as tokenizer_lib
@@ -158,6 +165,7 @@ def test_the_command_prints_the_answer_its_score_and_each_chunk(run, small_demo,
   assert chunks[0].startswith('chunk 1/4  0.50-1.25 s') and chunks[-1].startswith('chunk 4/4  0.50-3.50 s')
   assert all(' ms (step ' in line and ' + answer ' in line and 'answer: ' in line and 'log-prob' in line
              for line in chunks)
+  assert all(' s  decode ' in line for line in chunks)  # the time reading the chunk from the file
   lines.clear()
   answer.run(run, video, record['question'], beam=2, out=lines.append)
   assert 'beam search (2 beams)' in lines[0] and lines[-2].startswith('answer: ')
@@ -227,3 +235,199 @@ def test_errors_name_what_to_fix(run, small_demo, tmp_path, repo):
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 1 and 'answer: ' in result.stderr and 'no such file' in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The live reader of --stream.
+
+SR = demo_data.SAMPLE_RATE
+
+
+def _tone(audio, start, seconds, amplitude, hz=880.0):
+  lo, hi = int(start * SR), int((start + seconds) * SR)
+  audio[lo:hi] += amplitude * np.sin(2 * np.pi * hz * np.arange(hi - lo) / SR)
+
+
+def _write_clip(path, seconds=3.0, fps=12, bframes=0, keyint=250, loud_at=0.2, sound=True):
+  """An H.264 + AAC (16 kHz mono) mp4 of 64x48 frames that all differ (a square moving over a gradient), its loudest
+  tone at `loud_at` s and ever quieter ones every 0.7 s from 0.6 s after it; with `bframes`, B-frames (decoded out of
+  presentation order) and a key frame every `keyint` frames; no audio track without `sound`. Returns the
+  presentation times of its frames."""
+  num = int(seconds * fps)
+  yy, xx = np.mgrid[:48, :64]
+  frames = np.repeat(((xx * 3 + yy * 2) % 200).astype(np.uint8)[None, ..., None], num, 0).repeat(3, -1)
+  for i in range(num):
+    x = 4 + (i * 5) % 52
+    frames[i, 10:30, x:x + 8] = (255, 40 + 7 * i % 200, 90)
+  audio = np.zeros(int(seconds * SR), np.float32)
+  _tone(audio, loud_at, 0.3, 0.6)
+  for k, start in enumerate(np.arange(loud_at + 0.6, seconds - 0.3, 0.7)):
+    _tone(audio, start, 0.2, 0.3 / 3 ** k, hz=440.0)
+  with av.open(path, 'w') as container:
+    video = container.add_stream('libx264', rate=fps)
+    video.width, video.height, video.pix_fmt = 64, 48, 'yuv420p'
+    video.options = {'crf': '14', 'preset': 'veryfast',
+                     'x264-params': f'keyint={keyint}:min-keyint={keyint}:scenecut=0:bframes={bframes}'}
+    track = container.add_stream('aac', rate=SR, layout='mono') if sound else None
+    for i, array in enumerate(frames):
+      frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format='rgb24')
+      frame.pts = i
+      container.mux(video.encode(frame))
+    container.mux(video.encode(None))
+    for offset in range(0, len(audio) if sound else 0, 1024):
+      frame = av.AudioFrame.from_ndarray(audio[None, offset:offset + 1024].copy(), format='fltp', layout='mono')
+      frame.sample_rate, frame.pts = SR, offset
+      container.mux(track.encode(frame))
+    if sound:
+      container.mux(track.encode(None))
+  return np.arange(num) / fps
+
+
+def _reordered(path):
+  """Whether some video packet is presented after a later-decoded one (B-frames)."""
+  with av.open(path) as container:
+    pts = [p.pts for p in container.demux(video=0) if p.pts is not None]
+  return pts != sorted(pts)
+
+
+@pytest.mark.parametrize('bframes', [0, 2])
+def test_the_live_reader_decodes_each_chunk_once_when_reached_with_evaluations_frames(answerer, tmp_path, bframes):
+  config, task, processor, _ = answerer
+  path = str(tmp_path / 'clip.mp4')
+  frame_times = _write_clip(path, bframes=bframes, keyint=6 if bframes else 250)
+  assert _reordered(path) == bool(bframes)  # the case is exercised: packets out of presentation order
+  fps, num_chunks = 12, config.model.num_chunks
+  for start, end in ((None, None), (0.9, 2.9)):  # the whole file; a clip whose first key frame is sought (1.0 s)
+    whole = answer.read_clip(config, task, path, start, end, 'which way?', processor)
+    live = answer.open_clip(config, task, path, start, end, 'which way?', processor)
+    assert live.chunk_bounds == whole.chunk_bounds and live.has_audio and whole.has_audio
+    np.testing.assert_array_equal(live.text[0], whole.example['text_tokens'])
+    times = media.segment_times(whole.start, whole.end, config.model.num_frames).reshape(num_chunks, -1)
+    decoded = []
+    with live.reader() as reader:
+      for t in range(num_chunks):
+        video, audio, audio_mask = reader.read()
+        # The frames are evaluation's: the whole clip's sample times restricted to the chunk, the same pixels.
+        np.testing.assert_array_equal(video[0], whole.example['video'][0, t])
+        # Each clip's loudest tone is in its chunk 1 (0.2 s; 0.8 s for the clip from 0.9 s), so the floors agree;
+        # every spectrogram window this geometry reads lies inside its chunk.
+        np.testing.assert_allclose(audio[0], whole.example['audio'][0, t], rtol=0, atol=1e-4)
+        assert audio_mask.tolist() == [True]
+        # Nothing later was decoded than the frame that ends the last sampled frame's display, and the audio frame
+        # (1024 samples) that reaches past the chunk's end.
+        after = frame_times[frame_times > times[t, -1]]
+        assert reader.video_time <= (after[0] if len(after) else frame_times[-1]) + 1e-9
+        assert reader.audio_time <= whole.chunk_bounds[t][1] + 1024 / SR + 1e-9
+        assert reader.audio_tail_samples <= 400  # a window (25 ms) of earlier audio kept at most
+        decoded.append(reader.video_frames_decoded - sum(decoded))
+      with pytest.raises(ValueError, match='all read'):
+        reader.read()
+    # Each frame decoded once: from the key frame at or before the first sample time to the frame after the last
+    # (or the file's end), whatever the chunk: constant work per chunk, no earlier chunk decoded again.
+    first_key = 0.0 if start is None or not bframes else 1.0
+    last = frame_times[frame_times > times[-1, -1]]
+    expected = np.sum((frame_times >= first_key - 1e-9) & (frame_times <= (last[0] if len(last) else math.inf)))
+    assert sum(decoded) == expected
+    per_chunk = (whole.end - whole.start) / num_chunks * fps
+    assert all(n <= per_chunk + 1 for n in decoded[1:]), decoded
+
+
+def test_the_live_reader_of_a_file_without_sound(answerer, tmp_path):
+  config, task, processor, _ = answerer
+  path = str(tmp_path / 'silent.mp4')
+  _write_clip(path, seconds=2.0, fps=10, sound=False)
+  whole = answer.read_clip(config, task, path, question='which way?', processor=processor)
+  live = answer.open_clip(config, task, path, question='which way?', processor=processor)
+  assert not live.has_audio and not whole.has_audio
+  with live.reader() as reader:
+    chunks = [reader.read() for _ in range(config.model.num_chunks)]
+    assert reader.audio_time == -math.inf  # nothing to decode
+  for t, (video, audio, audio_mask) in enumerate(chunks):
+    np.testing.assert_array_equal(video[0], whole.example['video'][0, t])
+    np.testing.assert_array_equal(audio[0], whole.example['audio'][0, t])  # digital silence, as evaluation's
+    assert audio_mask.tolist() == [False]
+
+
+def _reference_log_mel(waveform, n_mels):
+  """log_mel as first written (one function): the split into mel_power and power_to_db must give the same bits."""
+  n_fft, hop = 400, 160
+  y = np.pad(np.asarray(waveform, np.float32), n_fft // 2)
+  num_frames = 1 + (len(y) - n_fft) // hop
+  frames = np.lib.stride_tricks.as_strided(y, (num_frames, n_fft), (y.strides[0] * hop, y.strides[0]))
+  power = np.abs(np.fft.rfft(frames * audio_lib._hann(n_fft), axis=-1)) ** 2  # pylint: disable=protected-access
+  mel = power.astype(np.float32) @ audio_lib.mel_filterbank(SR, n_fft, n_mels).T
+  db = 10.0 * np.log10(np.maximum(mel, 1e-10))
+  return np.maximum(db, db.max() - 80.0).astype(np.float32)
+
+
+def _streamed(waveform, bounds, frames_per_chunk):
+  stream = audio_lib.LogMelStream(len(waveform), bounds, frames_per_chunk, SR, n_mels=32)
+  out, heard, tails = [], [], []
+  for t in range(len(bounds)):
+    a, b = stream.chunk_samples(t)
+    assert a == stream.heard
+    out.append(stream.push(waveform[a:b]))
+    heard.append(stream.heard)
+    tails.append(stream.tail_samples)
+  return np.stack(out), heard, tails, stream
+
+
+def test_the_streamed_log_mel_is_the_whole_clips_of_the_audio_heard_so_far():
+  rng = np.random.default_rng(0)
+  waveform = (0.01 * rng.normal(size=2 * SR)).astype(np.float32)
+  waveform[::997] = 0.0
+  _tone(waveform, 0.1, 0.2, 0.8)  # the loudest sound, in chunk 1
+  _tone(waveform, 1.2, 0.3, 0.1, hz=300.0)
+  np.testing.assert_array_equal(audio_lib.log_mel(waveform, SR, n_mels=32), _reference_log_mel(waveform, 32))
+  # Chunks of exactly frames_per_chunk hops: the last frame read of each chunk has its window half past its end.
+  bounds = media.chunk_bounds(0.0, 2.0, 4)
+  whole = audio_lib.chunk_log_mel(waveform, bounds, 50, SR, n_mels=32)
+  streamed, heard, tails, stream = _streamed(waveform, bounds, 50)
+  assert heard == [8000, 16000, 24000, 32000] and max(tails) <= 400
+  for t in range(4):
+    # What was heard, silence after: the whole clip's log-mel of that, chunk t of it (the floor agrees: the loudest
+    # frame is in chunk 1). The mel projection sums in another order than the whole clip's: ~1e-6 dB apart.
+    so_far = np.where(np.arange(len(waveform)) < heard[t], waveform, 0.0).astype(np.float32)
+    np.testing.assert_allclose(streamed[t], audio_lib.chunk_log_mel(so_far, bounds, 50, SR, n_mels=32)[t],
+                               rtol=0, atol=1e-4)
+    # The whole clip's, except the last frame of chunks 1-3 (its window heard the next chunk's start).
+    differs = np.abs(streamed[t] - whole[t]).max(axis=1) > 1e-4
+    assert differs.tolist() == [False] * 49 + [t < 3]
+  assert stream.loudest_db == pytest.approx(audio_lib.log_mel(waveform, SR, n_mels=32).max(), abs=1e-4)
+
+  # The loudest sound in the last chunk: before it, the floor is the loudest heard so far, lower than the whole
+  # clip's; bins above the whole clip's floor agree, quieter ones keep their value, and the last chunk agrees.
+  late = waveform.copy()
+  late[:int(0.5 * SR)] *= 0.01
+  _tone(late, 1.6, 0.2, 0.9)
+  bounds = media.chunk_bounds(0.0, 2.0, 5)  # 0.4 s chunks read at 20 frames, every other one: windows inside
+  whole = audio_lib.chunk_log_mel(late, bounds, 20, SR, n_mels=32)
+  streamed, *_ = _streamed(late, bounds, 20)
+  floor = whole.min()
+  above = whole > floor + 1e-3
+  np.testing.assert_allclose(streamed[above], whole[above], rtol=0, atol=1e-4)
+  assert streamed[0].min() < floor - 10.0  # quiet bins of the first chunk, under the whole clip's floor
+  np.testing.assert_allclose(streamed[-1], whole[-1], rtol=0, atol=1e-4)
+
+
+def test_streaming_from_the_file_encodes_each_chunk_once_and_ends_with_the_whole_clips_answer(
+    answerer, encoded_chunks, tmp_path):
+  config, task, processor, answerer = answerer
+  path = str(tmp_path / 'clip.mp4')
+  _write_clip(path, seconds=4.0)  # its loudest sound in chunk 1: the streamed features are the whole clip's
+  whole_clip = answer.read_clip(config, task, path, question='which way?', processor=processor)
+  live = answer.open_clip(config, task, path, question='which way?', processor=processor)
+  answerer.prepare(live, stream=True)
+  whole = answerer.answer(whole_clip)
+  encoded_chunks.clear()
+  played = list(answerer.play(live))
+  assert [t for t, *_ in played] == list(range(1, config.model.num_chunks + 1))
+  assert encoded_chunks == [1] * config.model.num_chunks
+  # The same replies as feeding the model the whole clip's decoded chunks one by one.
+  streamed = list(answerer.stream(whole_clip))
+  for (_, live_reply, *_), (_, reply, *_) in zip(played, streamed):
+    assert live_reply.text == reply.text and live_reply.tokens == reply.tokens
+    assert live_reply.log_prob == pytest.approx(reply.log_prob, rel=1e-4, abs=1e-4)
+  last = played[-1][1]
+  assert last.text == whole.text and last.log_prob == pytest.approx(whole.log_prob, rel=1e-4, abs=1e-4)
+  assert all(decode_s > 0 and step_s > 0 and reply_s > 0 for _, _, decode_s, step_s, reply_s in played)

@@ -164,7 +164,7 @@ def test_damaged_checkpoints_and_metrics_do_not_stop_a_resume(repo, small_demo, 
   # eval and probe read the newest checkpoint that reads, and leave the damaged ones where they are.
   step, params = checkpoint.newest_params(workdir)
   assert step == 5 and '6' in os.listdir(folder) and '9' in os.listdir(folder)
-  assert main._last_update_ratios(path)[0] == 5
+  assert main._last_update_ratios(workdir)[0] == 5
 
   # The trainer moves them aside and resumes from step 5: its save of step 6 and orbax's garbage collection (3
   # checkpoints kept) do not trip over them.

@@ -201,7 +201,7 @@ def _installed_workers(bench, count):
 @pytest.mark.parametrize('project', [None, 'my-project'])
 def test_tpu_pod_runs_the_trainer_on_every_worker(bench, project):
   _installed_workers(bench, 4)
-  args = ['--config=configs/pretrain.py:size=3b', '--workdir=/mnt/shared/runs/3b', *TRICKY_ARGS]
+  args = ['--config=configs/pretrain.py:size=3b', '--workdir=gs://my-bucket/runs/3b', *TRICKY_ARGS]
   project_args = [f'--project={project}'] if project else []
   result = bench.run('tpu_pod.sh', 'my-tpu', 'us-central2-b', *project_args, *args, FAKE_TPU_WORKERS='4')
   assert result.returncode == 0, result.stderr
@@ -258,7 +258,7 @@ def test_tpu_setup_installs_this_checkout_with_the_tpu_extra_on_every_worker(ben
   for worker, install in enumerate(installs):
     copy = bench.workers / f'worker{worker}' / 'mirasol_jax'
     assert install['cwd'] == str(copy)
-    assert install['argv'] == ['-m', 'pip', 'install', '-e', '.[tpu]']
+    assert install['argv'] == ['-m', 'pip', 'install', '-e', '.[tpu,gcs]']
     for path in ('setup.py', 'mirasol_jax/main.py', 'launch/tpu_pod.sh', 'configs/pretrain.py'):
       assert (copy / path).read_bytes() == open(os.path.join(REPO, path), 'rb').read()
     assert not list(copy.rglob('__pycache__')) and not (copy / '.git').exists()
@@ -295,10 +295,13 @@ def test_accelerator_extras_pin_jaxs_own_extras_to_the_installed_range():
   import importlib.metadata
 
   tree = ast.parse(open(os.path.join(REPO, 'setup.py')).read())
-  install_requires = next(ast.literal_eval(n.value) for n in ast.walk(tree)
-                          if isinstance(n, ast.Assign) and getattr(n.targets[0], 'id', '') == 'INSTALL_REQUIRES')
-  extras = next(ast.literal_eval(k.value) for n in ast.walk(tree) if isinstance(n, ast.Call)
-                for k in n.keywords if k.arg == 'extras_require')
+  # setup.py's lists of requirements (module-level literals), then extras_require evaluated over them.
+  lists = {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body
+           if isinstance(n, ast.Assign) and isinstance(n.value, ast.List)}
+  install_requires = lists['INSTALL_REQUIRES']
+  extras = next(eval(compile(ast.Expression(k.value), 'setup.py', 'eval'), {}, lists)  # noqa: S307
+                for n in ast.walk(tree) if isinstance(n, ast.Call) for k in n.keywords if k.arg == 'extras_require')
+  assert set(extras['notebooks']) <= set(extras['test'])  # the suite executes the notebooks
   [jax_range] = [r[len('jax'):] for r in install_requires if re.match(r'jax[<>=]', r)]
   assert extras['gpu'] == [f'jax[cuda12]{jax_range}']
   assert extras['tpu'] == [f'jax[tpu]{jax_range}']

@@ -104,7 +104,9 @@ class DecodeExample(grain.transforms.RandomMap):
                     'reference': t.get('reference', 'random')} for t in (task_configs or [data_config])]
     self._train = train
     self._limits = media.MediaLimits.from_config(data_config)
+    self._decode_options = media.DecodeOptions.from_config(data_config)
     self._tokenizer = None  # loaded lazily, in the worker process
+    self.frames_decoded = 0  # video frames decoded by this copy (each worker process has its own)
 
   def blank_example(self) -> dict[str, np.ndarray]:
     """A masked example of the config's shapes: what a skipped example becomes."""
@@ -177,8 +179,11 @@ class DecodeExample(grain.transforms.RandomMap):
       fields = task['target'] or ', '.join(tasks_lib.TARGET_FIELDS)
       raise RecordError(f'{record.get("id")}: no target text ({fields}); config.data.require_target=False trains '
                         'on such examples without text', 'no_target')
-    with media.MediaFile(source, self._limits) as media_file:
-      example = self._decode_media(record, media_file, start, end, rng)
+    with media.MediaFile(source, self._limits, self._decode_options) as media_file:
+      try:
+        example = self._decode_media(record, media_file, start, end, rng)
+      finally:
+        self.frames_decoded += media_file.frames_decoded
     target = tasks_lib.choose(references, rng, task['reference'])
     if target is not None:
       example['text_tokens'], example['text_loss_mask'] = tokenizer_lib.encode_example(
@@ -207,8 +212,12 @@ class DecodeExample(grain.transforms.RandomMap):
     short_side = max(height, width)
     if rng is not None:
       short_side = int(round(short_side * d.get('train_resize_ratio', 1.15)))
-    frames = media_file.frames(media.segment_times(start, end, n, rng), short_side)
-    frames = _crop(frames, height, width, rng, flip=bool(d.get('random_flip', False)))
+    # The crop is drawn before decoding (the draws in _crop's order), so that only the crop of each frame is kept.
+    times = media.segment_times(start, end, n, rng)
+    size = media.resize_shape(info.width, info.height, short_side)
+    top, left = _crop_window(size[1], size[0], height, width, rng)
+    frames = media_file.frames_of_size(times, size, (top, left, height, width))
+    frames = _maybe_flip(frames, rng, flip=bool(d.get('random_flip', False)))
     example = self._blank()
     example['video'] = frames.reshape(t, n // t, height, width, 3)
     waveform = media_file.audio(start, end, d.get('sample_rate', 16_000))
@@ -253,15 +262,22 @@ def load_tokenizer(data_config: Mapping[str, Any], model_config: Mapping[str, An
 def _crop(frames: np.ndarray, height: int, width: int, rng: Optional[np.random.Generator],
           flip: bool = False) -> np.ndarray:
   """Centre crop (evaluation) or one random crop, and a random mirror if `flip`, for the whole clip (training)."""
-  h, w = frames.shape[1:3]
+  top, left = _crop_window(frames.shape[1], frames.shape[2], height, width, rng)
+  return _maybe_flip(np.ascontiguousarray(frames[:, top:top + height, left:left + width]), rng, flip)
+
+
+def _crop_window(h: int, w: int, height: int, width: int, rng: Optional[np.random.Generator]) -> tuple[int, int]:
+  """(top, left) of the crop of frames h x w: centred in evaluation, drawn in training."""
   if rng is None:
-    top, left = (h - height) // 2, (w - width) // 2
-  else:
-    top, left = int(rng.integers(0, h - height + 1)), int(rng.integers(0, w - width + 1))
-  frames = frames[:, top:top + height, left:left + width]
+    return (h - height) // 2, (w - width) // 2
+  return int(rng.integers(0, h - height + 1)), int(rng.integers(0, w - width + 1))
+
+
+def _maybe_flip(frames: np.ndarray, rng: Optional[np.random.Generator], flip: bool) -> np.ndarray:
+  """The clip mirrored with probability 1/2 in training if `flip` (one draw, after the crop's)."""
   if rng is not None and flip and rng.uniform() < 0.5:
-    frames = frames[:, :, ::-1]
-  return np.ascontiguousarray(frames)
+    return np.ascontiguousarray(frames[:, :, ::-1])
+  return frames
 
 
 class _WithIndex(grain.sources.RandomAccessDataSource):

@@ -7,11 +7,12 @@ target is what it must produce (answer, caption, class name). Only target tokens
 from __future__ import annotations
 
 import io
-import os
 from typing import Iterable, Mapping, Optional
 
 import numpy as np
 import sentencepiece as spm
+
+from mirasol_jax import paths
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 PREFIX_FIELDS = ('title', 'question')
@@ -30,11 +31,7 @@ def train(sentences: Iterable[str], vocab_size: int, path: str, model_type: str 
       sentence_iterator=iter(sentences), model_writer=buffer, vocab_size=vocab_size, model_type=model_type,
       byte_fallback=True, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID, unk_id=UNK_ID, character_coverage=1.0,
       hard_vocab_limit=False, minloglevel=2, num_threads=1)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(buffer.getvalue())
-  os.replace(tmp, path)
+  paths.write_bytes(path, buffer.getvalue())
 
 
 class NoTextError(ValueError):
@@ -53,10 +50,11 @@ def train_on_source(source, vocab_size: int, path: str, model_type: str = 'bpe')
 
 
 def load(path: str) -> spm.SentencePieceProcessor:
-  if not os.path.exists(path):
+  """The SentencePiece model at `path`, a local or a cloud path (read as bytes through mirasol_jax.paths)."""
+  if not paths.exists(path):
     raise FileNotFoundError(f'tokenizer model {path!r} does not exist; train one with '
                             f'`python -m mirasol_jax.main tokenizer --config=...`')
-  processor = spm.SentencePieceProcessor(model_file=path)
+  processor = spm.SentencePieceProcessor(model_proto=paths.read_bytes(path))
   for name, expected in (('pad', PAD_ID), ('bos', BOS_ID), ('eos', EOS_ID), ('unk', UNK_ID)):
     actual = getattr(processor, f'{name}_id')()
     if actual != expected:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import os
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
@@ -34,6 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mirasol_jax import paths
 from mirasol_jax import sharding
 from mirasol_jax.data import pipeline
 from mirasol_jax.data import sources
@@ -236,10 +236,8 @@ class Evaluator:
   def write_predictions(self, step: int, rows: list[dict[str, Any]]) -> None:
     if self.ctx.process_index != 0:
       return
-    folder = os.path.join(self.ctx.workdir, 'predictions')
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f'{self.name}_{step}.jsonl'), 'w') as f:
-      f.writelines(json.dumps(row) + '\n' for row in rows)
+    paths.write_text(paths.join(self.ctx.workdir, 'predictions', f'{self.name}_{step}.jsonl'),
+                     ''.join(json.dumps(row) + '\n' for row in rows))
 
 
 def _gather(local: np.ndarray) -> np.ndarray:
