@@ -6,6 +6,12 @@
 | small | CPU demo                    | 16 frames 64x64, T=4, m=8      | width 128, 2 to 3 layers                     |
 | base  | one accelerator             | 128 frames 224x224, T=16, m=32 | ViT-B towers, 12-layer AV and text decoder   |
 | 3b    | the paper                   | 128 frames 224x224, T=16, m=32 | ViT-L video, ViT-B audio, AV 32L d1536, text 22L d2048 |
+| 10b   | scaling past the paper      | 128 frames 224x224, T=16, m=32 | ViT-H video, ViT-L audio, AV 32L d3072, text 20L d4096 |
+
+`10b` (10.4B parameters) doubles the widths of `3b`'s Combiner, AV Transformer and text decoder at about the
+same depths, so that the AV part stays about half of the model; every head count divides by 8 and every width by
+256, so tensor parallelism up to 8 and fully sharded data parallelism up to 256 ways shard every parameter evenly
+(`benchmarks/aot_compile.py` compiles its train step for such meshes).
 
 Tubes are (kernel, stride, offset) in (t, y, x). For k = 8 frames per chunk the TubeViT shapes are shortened so
 that none is longer than a chunk; the 1-frame tube gives 2D patches on one frame per chunk.
@@ -14,7 +20,7 @@ from __future__ import annotations
 
 import ml_collections
 
-SIZES = ('tiny', 'small', 'base', '3b')
+SIZES = ('tiny', 'small', 'base', '3b', '10b')
 
 # TubeViT's four tubes adapted to 8-frame chunks at 224x224: 49 + 49 + 98 + 196 = 392 video tokens per chunk.
 TUBES_224_K8 = (
@@ -68,7 +74,7 @@ def model_config(size: str, combiner: str = 'ttm') -> ml_collections.ConfigDict:
         av=dict(depth=12, num_heads=12, mlp_dim=3072, mask_ratio=0.15),
         text=_tower(768, 12, 12), video_recon_size=(16, 16), audio_recon_pool=(4, 4), memory_tokens=64,
         tokenlearner_hidden=512)
-  else:  # 3b
+  elif size == '3b':
     c = dict(
         num_frames=128, num_chunks=16, image_size=(224, 224), audio_frames_per_chunk=64, mel_bins=128,
         max_text_len=128, vocab_size=32_000, tokens_per_chunk=32, width=1536,
@@ -79,6 +85,17 @@ def model_config(size: str, combiner: str = 'ttm') -> ml_collections.ConfigDict:
         # split, 24 and 24, gives 2.83B with only 42% in the AV part.
         av=dict(depth=32, num_heads=12, mlp_dim=6144, mask_ratio=0.15),
         text=_tower(2048, 22, 16), video_recon_size=(16, 16), audio_recon_pool=(4, 4), memory_tokens=128,
+        tokenlearner_hidden=1024)
+  else:  # 10b
+    c = dict(
+        num_frames=128, num_chunks=16, image_size=(224, 224), audio_frames_per_chunk=64, mel_bins=128,
+        max_text_len=128, vocab_size=32_000, tokens_per_chunk=32, width=3072,
+        video=_tower(1280, 32, 16, tubes=TUBES_224_K8),
+        audio=_tower(1024, 24, 16, patch_size=(16, 16)),
+        combiner_args=dict(depth=4, num_heads=24, mlp_dim=12288),
+        # 32 AV layers and 20 text layers at twice 3b's widths: 49% of the parameters in the AV part, as in 3b.
+        av=dict(depth=32, num_heads=24, mlp_dim=12288, mask_ratio=0.15),
+        text=_tower(4096, 20, 32), video_recon_size=(16, 16), audio_recon_pool=(4, 4), memory_tokens=128,
         tokenlearner_hidden=1024)
   memory_tokens, tokenlearner_hidden = c.pop('memory_tokens'), c.pop('tokenlearner_hidden')
   if combiner == 'ttm':
