@@ -11,12 +11,12 @@ its shardings and the state donated, lowered for abstract shapes: no parameters 
 XLA's compiler for that mesh. Each mesh compiles in a subprocess of its own started with
 XLA_FLAGS=--xla_force_host_platform_device_count=N, since jax reads the device count once, at start; layers are
 scanned, so the compile time and memory hardly grow with depth or device count (3b and 10b: 0.5 to 2.5 minutes
-each on a shared 2-core machine, 2.2 to 2.9 GB of RSS, from 8 to 1024 devices). A mesh is DATAxFSDPxTENSOR (`config.mesh`); the global batch is
---batch_per_device examples per data-parallel shard (data x fsdp of them; the tensor axis shares its examples).
-The first mesh of each size is also compiled with the other remat policies (--check_remat) and a larger batch
-(--check_batch), so that the analytic model is checked on every policy it extrapolates and on its growth with the
-batch. A mesh that does not divide a sharded parameter dimension (heads over tensor, widths over fsdp) or the
-batch is refused before compiling, naming the parameters.
+each on a shared 2-core machine, 2.2 to 2.9 GB of RSS, from 8 to 1024 devices). A mesh is DATAxFSDPxTENSOR
+(`config.mesh`); the global batch is --batch_per_device examples per data-parallel shard (data x fsdp of them; the
+tensor axis shares its examples). The first mesh of each size is also compiled with the other remat policies
+(--check_remat) and a larger batch (--check_batch), so that the analytic model is checked on every policy it
+extrapolates and on its growth with the batch. A mesh that does not divide a sharded parameter dimension (heads
+over tensor, widths over fsdp) or the batch is refused before compiling, naming the parameters.
 
 Per device, the script prints:
 * XLA's memory analysis: arguments (the state and the batch), outputs, temporaries, generated code, and what the

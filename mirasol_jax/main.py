@@ -112,13 +112,14 @@ def param_table(config) -> str:
   """Parameters per tower (from jax.eval_shape, no memory) and analytic training FLOPs per example."""
   import jax
   from mirasol_jax import flops
+  from mirasol_jax import optimizer
   from mirasol_jax.models import mirasol
 
   model = mirasol.Model(**config.model)
   batch = mirasol.example_batch(config, 1)
   shapes = jax.eval_shape(model.init, jax.random.key(0), batch)
   counts = mirasol.count_params_per_tower(shapes['params'])
-  train_flops = flops.count(config.model)['train']
+  train_flops = flops.count(config.model, optimizer.frozen_towers(config))['train']
   av_total = sum(counts[t] for t in mirasol.AV_TOWERS)
   rows = [f'{"tower":<16}{"params":>12}{"share":>8}{"train GFLOP/ex":>16}']
   for tower, n in counts.items():

@@ -1,5 +1,10 @@
 """The optimizer from config: AdamW or Adafactor, linear warm-up then cosine decay, global-norm clipping,
-weight decay on matrices only, a learning-rate multiplier per tower, and frozen parameters by regex on their path."""
+weight decay on matrices only, a learning-rate multiplier per tower, and frozen parameters by regex on their path.
+
+Two ways not to train a tower: config.frozen (a regex on parameter paths) or a learning-rate multiplier of 0. Either
+way the train step drops its gradients before anything reads them (`drop_untrained`), so that XLA does not compute
+them, and `frozen_towers` names the towers that do not train for the FLOP count (flops.count) behind the MFU.
+"""
 from __future__ import annotations
 
 import re
@@ -50,6 +55,50 @@ def drop_frozen(grads: Any, frozen_regex: str) -> Any:
     return grads
   return jax.tree.map(lambda g, label: jnp.zeros_like(g) if label == 'frozen' else g, grads,
                       frozen_labels(grads, frozen_regex))
+
+
+def zero_rate_towers(config) -> set[str]:
+  """The towers whose config.lr_multipliers entry is 0."""
+  return {tower for tower, value in check_lr_multipliers(config.get('lr_multipliers')).items() if value == 0.0}
+
+
+def drop_untrained(grads: Any, config) -> Any:
+  """Zeros in place of the gradients of every parameter that config does not train: those config.frozen matches and
+  those of a tower at a learning-rate multiplier of 0 (whose update the multiplier zeroes anyway). In the train step,
+  before the optimizer, the clipping norm and the grad-norm metrics: nothing then reads those gradients, so XLA
+  does not compute them (nor the backward of a tower with nothing trainable upstream of it). Their
+  train/grad_norm/<tower> reads 0, and the global norm that clipping divides by holds only what trains."""
+  pattern = re.compile(config.frozen) if config.get('frozen') else None
+  zero_rate = zero_rate_towers(config)
+  if pattern is None and not zero_rate:
+    return grads
+
+  def drop(name: str) -> bool:
+    return bool(pattern and pattern.search(name)) or (bool(zero_rate) and tower_of(name) in zero_rate)
+
+  return jax.tree.map(lambda name, g: jnp.zeros_like(g) if drop(name) else g, path_names(grads), grads)
+
+
+def parameter_names(model_config) -> list[str]:
+  """The '/'-joined paths of every parameter of `config.model`, from jax.eval_shape (no memory, no compilation)."""
+  model = mirasol.Model(**model_config)
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in mirasol.batch_shapes(model_config, 1).items()}
+  shapes = jax.eval_shape(model.init, jax.random.key(0), batch)['params']
+  return list(flax.traverse_util.flatten_dict(flax.core.unfreeze(shapes), sep='/'))
+
+
+def frozen_towers(config) -> tuple[str, ...]:
+  """The towers (mirasol.TOWERS, in order) that `config` does not train: every parameter matched by config.frozen,
+  or a learning-rate multiplier of 0. A tower only partly matched by config.frozen counts as training. For
+  flops.count(config.model, frozen_towers(config))."""
+  untrained = zero_rate_towers(config)
+  if config.get('frozen'):
+    pattern = re.compile(config.frozen)
+    names: dict[str, list[str]] = {}
+    for name in parameter_names(config.model):
+      names.setdefault(tower_of(name), []).append(name)
+    untrained |= {tower for tower, paths in names.items() if all(pattern.search(p) for p in paths)}
+  return tuple(tower for tower in mirasol.TOWERS if tower in untrained)
 
 
 def tower_of(name: str) -> str:

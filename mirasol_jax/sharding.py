@@ -80,6 +80,26 @@ def box_values(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
 
 
+def drop_reduced_boxes(opt_state: Any, params: Any) -> Any:
+  """`opt_state` with every partitioning box whose value does not have its parameter's shape replaced by the bare
+  value (replicated). An optimizer state is made by mapping over the boxed parameters, so each statistic inherits
+  its parameter's logical names; Adafactor's factored second moments are the parameter reduced over an axis (a row
+  and a column statistic, or a placeholder of shape (1,)), which those names do not describe. They are a small
+  fraction of the parameter's size. A statistic is matched to its parameter by the end of its tree path."""
+  is_box = lambda x: isinstance(x, nn.Partitioned)
+  shapes = {tuple(path): np.shape(box.value) for path, box in
+            jax.tree_util.tree_flatten_with_path(params, is_leaf=is_box)[0] if is_box(box)}
+  depths = sorted({len(path) for path in shapes})
+
+  def fix(path, x):
+    if not is_box(x):
+      return x
+    own = [shapes.get(tuple(path[len(path) - d:])) for d in depths if d <= len(path)]
+    return x if np.shape(x.value) in own else x.value
+
+  return jax.tree_util.tree_map_with_path(fix, opt_state, is_leaf=is_box)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over data and fsdp, the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

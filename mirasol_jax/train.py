@@ -226,7 +226,8 @@ def build_train_step(config, mesh: Mesh, rules) -> TrainStep:
 
   def init_state(rng):
     params, train_rng = init_params(model, rng, init_batch)
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params), 'rng': train_rng}
+    return {'step': jnp.zeros((), jnp.int32), 'params': params,
+            'opt_state': sharding.drop_reduced_boxes(tx.init(params), params), 'rng': train_rng}
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     boxed = jax.eval_shape(init_state, jax.random.PRNGKey(config.seed))
@@ -264,7 +265,7 @@ def build_train_step(config, mesh: Mesh, rules) -> TrainStep:
       (grads, (terms, stats)), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(microbatches), micro))
       # Statistics are not parts of a whole like the losses: the step reports their mean over micro-batches.
       stats = jax.tree.map(lambda s: s / microbatches, stats)
-    grads = optimizer.drop_frozen(grads, config.get('frozen', ''))
+    grads = optimizer.drop_untrained(grads, config)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     new_state = {'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
                  'opt_state': opt_state, 'rng': rng}
@@ -352,7 +353,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   # The loop. Metrics of step s are fetched while step s + 1 runs, so the host never waits on the device.
   writer = metrics_lib.Writer(workdir, start_step, enabled=process_index == 0)
   peak = config.get('peak_tflops', 0.0) * 1e12 or metrics_lib.matmul_peak_flops()
-  throughput = metrics_lib.Throughput(flops.count(config.model)['train']['total'], jax.device_count(), peak)
+  # MFU counts the work the step does: towers that do not train cost their forward pass (and the backward through
+  # them only when a tower upstream trains).
+  train_flops = flops.count(config.model, optimizer.frozen_towers(config))['train']['total']
+  throughput = metrics_lib.Throughput(train_flops, jax.device_count(), peak)
   preempted = {'signal': None}
   previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.update(signal=signum))
   history: dict[str, clu_metrics.Average] = {}  # per-step scalars averaged over each logging interval

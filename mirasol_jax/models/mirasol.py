@@ -11,6 +11,11 @@ reconstruction, optional next-chunk audio reconstruction, and cross-entropy on t
 `Model(**config.model)` is built from a config; `example_batch(config, B)` gives a batch of zeros of its shapes.
 The chunk-by-chunk path (`stream_init`, `stream_step`) encodes one chunk, advances the combiner state and runs the
 AV Transformer against a KV cache of the earlier chunks; its latents equal the full pass's.
+
+`av_mode='flat'` is the baseline Mirasol is measured against (models/flat.py): the Combiner and the AV Transformer
+give way to one full-attention Transformer over all T*n chunk tokens u, at the AV Transformer's width and depth, and
+the text decoder cross-attends to all of its T*n outputs (h is then [B, T, n, D]). Same encoders, same decoder,
+same train step; the next-chunk losses must be 0 (every token sees the next chunk) and there is no streaming.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import optax
 from mirasol_jax.models import av_transformer
 from mirasol_jax.models import combiners
 from mirasol_jax.models import encoders
+from mirasol_jax.models import flat
 from mirasol_jax.models import layers
 from mirasol_jax.models import text_decoder
 
@@ -36,6 +42,9 @@ NEXT_CHUNK_TERMS = ('latent', 'video_recon', 'audio_recon')  # losses that predi
 COMBINER_ARGS = ('depth', 'num_heads', 'mlp_dim')
 TTM_ARGS = ('memory_tokens', 'tokenlearner_hidden')
 TOWER_ARGS = ('width', 'depth', 'num_heads', 'mlp_dim')
+# chunked: Mirasol (Combiner to m tokens per chunk, block-causal AV Transformer over T*m); flat: the baseline, one
+# Transformer over all T*n tokens (models/flat.py).
+AV_MODES = ('chunked', 'flat')
 
 
 def _error(field: str, message: str) -> ValueError:
@@ -98,6 +107,12 @@ def validate_model_config(model: 'Model') -> None:
   if model.contrastive_temperature <= 0:
     raise _error('contrastive_temperature', f'{model.contrastive_temperature} must be > 0')
   leaking = [t for t in NEXT_CHUNK_TERMS if model.loss_weights.get(t, 0.0)]
+  if model.av_mode not in AV_MODES:
+    raise _error('av_mode', f'{model.av_mode!r} is not one of {AV_MODES}')
+  if model.av_mode == 'flat' and leaking:
+    raise _error('av_mode', f"'flat' attends over every chunk at once, so each token sees the next chunk, whose "
+                 f'latents and frames the next-chunk losses {leaking} predict: set their loss_weights to 0 '
+                 f'(e.g. --config.loss_weights.latent=0 --config.loss_weights.video_recon=0)')
   if not model.av.get('block_causal', True) and leaking:
     raise _error('av.block_causal', f'False lets every chunk attend to the next one, whose latents and frames the '
                  f'next-chunk losses {leaking} predict: set their loss_weights to 0 with full attention')
@@ -212,6 +227,7 @@ class Model(nn.Module):
   remat_policy: str = 'none'
   dropout_rate: float = 0.0
   attention_impl: Optional[str] = None
+  av_mode: str = 'chunked'  # chunked (Mirasol) | flat (the baseline: one Transformer over all T*n tokens)
 
   def __post_init__(self):
     super().__post_init__()
@@ -220,6 +236,10 @@ class Model(nn.Module):
   @property
   def chunk_frames(self) -> int:
     return self.num_frames // self.num_chunks
+
+  @property
+  def flat(self) -> bool:
+    return self.av_mode == 'flat'
 
   def setup(self):
     dtype = layers.canonical_dtype(self.dtype)
@@ -233,13 +253,22 @@ class Model(nn.Module):
     self.audio_proj = layers.dense(self.width, ('embed', 'embed_out'), dtype, 'audio_proj')
     self.modality_embed = self.param(
         'modality_embed', layers.logical_init(nn.initializers.normal(0.02), (None, 'embed')), (2, self.width))
+    self.text_decoder = text_decoder.TextDecoder(
+        vocab_size=self.vocab_size, max_len=self.max_text_len, **self.text, dtype=dtype, stack_kw=stack_kw)
+    if self.loss_weights.get('av_contrastive', 0.0):
+      self.av_contrastive_video = layers.dense(self.width, ('embed', 'embed_out'), dtype, 'av_contrastive_video')
+      self.av_contrastive_audio = layers.dense(self.width, ('embed', 'embed_out'), dtype, 'av_contrastive_audio')
+    if self.flat:
+      # Named av_transformer so that it is the AV Transformer's tower (TOWERS): lr_multipliers, frozen, the logs.
+      self.av_transformer = flat.FlatTransformer(
+          width=self.width, depth=self.av['depth'], num_heads=self.av['num_heads'], mlp_dim=self.av['mlp_dim'],
+          dtype=dtype, stack_kw=stack_kw, name='av_transformer')
+      return
     self.combiner_module = combiners.COMBINERS[self.combiner](
         tokens_per_chunk=self.tokens_per_chunk, width=self.width, **self.combiner_args, dtype=dtype,
         stack_kw=stack_kw, name='combiner')
     self.av_transformer = av_transformer.AVTransformer(
         tokens_per_chunk=self.tokens_per_chunk, width=self.width, **self.av, dtype=dtype, stack_kw=stack_kw)
-    self.text_decoder = text_decoder.TextDecoder(
-        vocab_size=self.vocab_size, max_len=self.max_text_len, **self.text, dtype=dtype, stack_kw=stack_kw)
     # Next-chunk prediction heads, read from the latents of chunk t.
     self.latent_head = layers.dense(self.width, ('embed', 'embed_out'), dtype, 'latent_head')
     rh, rw = self.video_recon_size
@@ -249,9 +278,6 @@ class Model(nn.Module):
       ph, pw = self.audio_recon_pool
       self.audio_recon_head = layers.dense(
           (self.audio_frames_per_chunk // ph) * (self.mel_bins // pw), ('embed', 'recon'), dtype, 'audio_recon_head')
-    if self.loss_weights.get('av_contrastive', 0.0):
-      self.av_contrastive_video = layers.dense(self.width, ('embed', 'embed_out'), dtype, 'av_contrastive_video')
-      self.av_contrastive_audio = layers.dense(self.width, ('embed', 'embed_out'), dtype, 'av_contrastive_audio')
 
   # -------------------------------------------------------------------------------------------------------------
   # Encoding.
@@ -274,6 +300,12 @@ class Model(nn.Module):
     batch, chunks = video.shape[:2]
     v = self.video_encoder(video.reshape(batch * chunks, *video.shape[2:]), deterministic)
     a = self.audio_encoder(audio.reshape(batch * chunks, *audio.shape[2:]), deterministic)
+    return self.chunk_tokens(v, a, audio_mask, chunks)
+
+  def chunk_tokens(self, v: Array, a: Array, audio_mask: Array, chunks: int) -> tuple[Array, Array]:
+    """The encoders' outputs v [B*t, f, Dv] and a [B*t, s, Da] -> u [B, t, n, D] and validity [B, t, n]: the
+    projections and modality embeddings (parameters of the Combiner's tower)."""
+    batch = v.shape[0] // chunks
     v = self.video_proj(v) + self.modality_embed[0]
     a = self.audio_proj(a) + self.modality_embed[1]
     u = jnp.concatenate([v, a], axis=1).astype(v.dtype)
@@ -283,24 +315,36 @@ class Model(nn.Module):
     return u, valid
 
   def encode_av(self, batch: Mapping[str, Array], train: bool = False) -> tuple[Array, Array]:
-    """Combiner tokens x [B, T, m, D] and AV latents h [B, T, m, D]."""
+    """Combiner tokens x [B, T, m, D] and AV latents h [B, T, m, D] (flat: u and h, both [B, T, n, D])."""
     return self._encode(batch, train)[1:]
 
   def _encode(self, batch: Mapping[str, Array], train: bool) -> tuple[Array, Array, Array]:
-    """Chunk tokens u [B, T, n, D] (video tokens first), combiner tokens x and AV latents h [B, T, m, D]."""
+    """Chunk tokens u [B, T, n, D] (video tokens first), combiner tokens x and AV latents h [B, T, m, D].
+
+    Flat: nothing compresses the chunks, so x is u and h [B, T, n, D] the flat Transformer's output."""
     u, valid = self.encode_chunk_tokens(batch['video'], batch['audio'], batch['audio_mask'], not train)
-    x = self.combiner_module(u, valid, not train)
-    h = self.av_transformer(self.perturb('av_input', x), deterministic=not train, mask_tokens=train)
-    return u, x, h
+    x = self.combine(u, valid, train)
+    return u, x, self.contextualize(x, valid, train)
+
+  def combine(self, u: Array, valid: Array, train: bool = False) -> Array:
+    """The Combiner: u [B, T, n, D] (validity [B, T, n]) -> x [B, T, m, D]; flat: u itself."""
+    return u if self.flat else self.combiner_module(u, valid, not train)
+
+  def contextualize(self, x: Array, valid: Array, train: bool = False) -> Array:
+    """The AV Transformer: x [B, T, m, D] -> h [B, T, m, D] (`valid` unused); flat: the flat Transformer over
+    x = u [B, T, n, D] with the validity of its tokens."""
+    if self.flat:
+      return self.av_transformer(self.perturb('av_input', x), valid, not train)
+    return self.av_transformer(self.perturb('av_input', x), deterministic=not train, mask_tokens=train)
 
   # -------------------------------------------------------------------------------------------------------------
   # Training forward pass.
 
   def __call__(self, batch: Mapping[str, Array], train: bool = False,
                denominators: Optional[Mapping[str, Array]] = None) -> dict[str, Any]:
-    """-> text_logits [B, L, vocab], av_latents [B, T, m, D], losses (each term and the weighted `total`) and
-    stats (scalars that are not losses, e.g. `latent_target_spread`). `denominators` (see loss_denominators)
-    replaces this batch's own, for micro-batches."""
+    """-> text_logits [B, L, vocab], av_latents [B, T, m, D] ([B, T, n, D] flat), losses (each term and the
+    weighted `total`) and stats (scalars that are not losses, e.g. `latent_target_spread`). `denominators` (see
+    loss_denominators) replaces this batch's own, for micro-batches."""
     self._check_batch(batch)
     u, x, h = self._encode(batch, train)
     batch_size = x.shape[0]
@@ -318,7 +362,7 @@ class Model(nn.Module):
     # Text: the prediction at position i is scored against token i + 1 where that token is a target token.
     ce = optax.softmax_cross_entropy_with_integer_labels(text_logits[:, :-1], batch['text_tokens'][:, 1:])
     losses['text'] = _masked_mean(ce, batch['text_loss_mask'][:, 1:] * example_w[:, None], denominators['text'])
-    if self.num_chunks > 1:
+    if self.num_chunks > 1 and not self.flat:
       h_now = h[:, :-1].astype(jnp.float32)  # latents of chunks 0 .. T-2 predict chunks 1 .. T-1.
       w = example_w[:, None, None]
       pred = self.latent_head(h_now).astype(jnp.float32)
@@ -375,14 +419,20 @@ class Model(nn.Module):
   # -------------------------------------------------------------------------------------------------------------
   # Chunk-by-chunk application.
 
+  def _check_streamable(self) -> None:
+    if self.flat:
+      raise ValueError("model.av_mode='flat' attends over the whole clip at once: it has no chunk-by-chunk path")
+
   def stream_init(self, batch_size: int, num_chunks: Optional[int] = None) -> dict[str, Any]:
     """State before the first chunk: zero combiner memory and an empty AV cache for `num_chunks` chunks."""
+    self._check_streamable()
     return {'combiner': self.combiner_module.init_state(batch_size),
             'av_cache': self.av_transformer.init_cache(batch_size, num_chunks or self.num_chunks),
             'chunk': jnp.zeros((), jnp.int32)}
 
   def stream_step(self, video_chunk: Array, audio_chunk: Array, audio_mask: Array, state: dict[str, Any]):
     """One chunk (video [B, k, H, W, 3], audio [B, F, M]) -> (its latents h_t [B, m, D], next state)."""
+    self._check_streamable()
     u, valid = self.encode_chunk_tokens(video_chunk[:, None], audio_chunk[:, None], audio_mask)
     x_t, combiner_state = self.combiner_module.step(u[:, 0], valid[:, 0], state['combiner'])
     h_t, av_cache = self.av_transformer.step(x_t, state['chunk'], state['av_cache'])
@@ -452,6 +502,17 @@ TOWERS = {
     'text_decoder': ('text_decoder',),
 }
 AV_TOWERS = ('video_encoder', 'audio_encoder', 'combiner', 'av_transformer', 'av_heads')
+# The towers whose outputs each tower reads (the data flow: encoders -> combiner -> AV Transformer -> heads and text
+# decoder; the heads also read the combiner's tokens u). A frozen tower still passes gradients back to these when
+# one of them, or one further up, trains: flops.count charges it the backward through its inputs then.
+TOWER_INPUTS = {
+    'video_encoder': (),
+    'audio_encoder': (),
+    'combiner': ('video_encoder', 'audio_encoder'),
+    'av_transformer': ('combiner',),
+    'av_heads': ('av_transformer', 'combiner'),
+    'text_decoder': ('av_transformer',),
+}
 
 
 def count_params_per_tower(params: Mapping[str, Any]) -> dict[str, int]:

@@ -104,5 +104,5 @@ def model_config(size: str, combiner: str = 'ttm') -> ml_collections.ConfigDict:
   c['text'].update(tie_embeddings=True, context_norm='none')
   c['av'].setdefault('block_causal', True)
   c.update(combiner=combiner, latent_loss='cosine', dtype='bfloat16', scan_layers=True, remat_policy='none',
-           dropout_rate=0.0, attention_impl=None)
+           dropout_rate=0.0, attention_impl=None, av_mode='chunked')
   return ml_collections.ConfigDict(c)
