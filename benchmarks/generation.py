@@ -1,13 +1,18 @@
 """Generation cost: KV-cached against recompute-every-token greedy decoding, and the chunk-by-chunk step's cost as
 a clip goes on.
 
-  python benchmarks/generation.py [--size small] [--batch 4] [--new_tokens 32] [--repeats 5]
+  python benchmarks/generation.py [--size small] [--batch 4] [--new_tokens 32] [--prompt_len 16] [--repeats 5]
+      [--no_stream]
 
-1. Greedy decoding of `--new_tokens` tokens after a 16-token prompt (the text buffer made to fit), on the AV
-   latents of random inputs with random parameters (EOS never chosen, so every token is generated):
-   * cached: decoding.greedy_decode given the latents: one prefill, then one cached decoder step per token;
+1. Greedy decoding of `--new_tokens` tokens after a `--prompt_len`-token prompt (the text buffer made to fit), on
+   the AV latents of random inputs with random parameters (EOS never chosen, so every token is generated):
+   * cached: decoding.greedy_decode given the latents: the prompt prefilled into the KV cache, then one cached
+     decoder step per token; split into the prefill with the first step (the same decoding of one token) and the
+     cost of each further token;
    * recompute: decoding.greedy_decode_uncached, the whole teacher-forced decoder again for every token; it encodes
      the clip first, so the AV encoding's time (measured alone) is subtracted to compare decoding with decoding.
+   `--new_tokens 48` makes the text buffer 64 positions, `base`'s max_text_len: the ratio users see grows with it,
+   as recomputing costs a pass over the whole buffer per token and a cached step does not.
 2. Model.stream_step (one chunk: encoders, a Combiner step, an AV Transformer step against the KV cache) at chunk 2
    and at chunk 32 of a 32-chunk clip (the size's chunk length, frames = 32 chunks' worth): the cost of the t-th
    chunk should not grow with t beyond the attention over the cache.
@@ -59,10 +64,10 @@ def model_and_params(config, batch):
   return model, {'params': params}
 
 
-def decoding_costs(size: str, batch_size: int, new_tokens: int, repeats: int) -> dict[str, float]:
+def decoding_costs(size: str, batch_size: int, new_tokens: int, repeats: int,
+                   prompt_len: int = 16) -> dict[str, float]:
   config = config_lib.base_config(size, 'ttm')
   config.model.dtype = 'float32'
-  prompt_len = 16
   config.model.max_text_len = prompt_len + new_tokens  # room for every new token
   batch = random_batch(config, batch_size, prompt_len)
   model, variables = model_and_params(config, batch)
@@ -70,13 +75,15 @@ def decoding_costs(size: str, batch_size: int, new_tokens: int, repeats: int) ->
   encode = jax.jit(lambda v, b: model.apply(v, b, method=mirasol.Model.encode_av)[1])
   latents = encode(variables, batch)
   cached = jax.jit(lambda v, b, h: decoding.greedy_decode(model, v, b, new_tokens, no_eos, latents=h))
+  first = jax.jit(lambda v, b, h: decoding.greedy_decode(model, v, b, 1, no_eos, latents=h))
   recompute = jax.jit(lambda v, b: decoding.greedy_decode_uncached(model, v, b, new_tokens, no_eos))
   same = np.array_equal(np.asarray(cached(variables, batch, latents)), np.asarray(recompute(variables, batch)))
   encode_s = median_seconds(lambda: encode(variables, batch), repeats)
   cached_s = median_seconds(lambda: cached(variables, batch, latents), repeats)
+  first_s = median_seconds(lambda: first(variables, batch, latents), repeats)
   recompute_s = median_seconds(lambda: recompute(variables, batch), repeats) - encode_s
-  return {'encode_s': encode_s, 'cached_s': cached_s, 'recompute_s': recompute_s, 'same_tokens': same,
-          'prompt_len': prompt_len}
+  return {'encode_s': encode_s, 'cached_s': cached_s, 'first_s': first_s, 'recompute_s': recompute_s,
+          'same_tokens': same, 'prompt_len': prompt_len}
 
 
 def stream_costs(size: str, batch_size: int, chunks: int, repeats: int, at=(2, 32)) -> dict[int, float]:
@@ -103,15 +110,21 @@ def main() -> None:
   parser.add_argument('--size', default='small')
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--new_tokens', type=int, default=32)
+  parser.add_argument('--prompt_len', type=int, default=16)
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--no_stream', action='store_true', help='leave out the chunk-by-chunk part')
   args = parser.parse_args()
   print(f'{jax.devices()[0].device_kind} x{jax.device_count()}, size {args.size}, batch {args.batch}')
-  d = decoding_costs(args.size, args.batch, args.new_tokens, args.repeats)
-  print(f'greedy decoding of {args.new_tokens} tokens after a {d["prompt_len"]}-token prompt (AV encoding '
-        f'{1e3 * d["encode_s"]:.1f} ms, left out)')
-  print(f'  cached     {1e3 * d["cached_s"]:8.1f} ms')
-  print(f'  recompute  {1e3 * d["recompute_s"]:8.1f} ms   ({d["recompute_s"] / d["cached_s"]:.1f}x the cached; '
-        f'same tokens: {d["same_tokens"]})')
+  d = decoding_costs(args.size, args.batch, args.new_tokens, args.repeats, args.prompt_len)
+  n = args.new_tokens
+  print(f'greedy decoding of {n} tokens after a {d["prompt_len"]}-token prompt, text buffer '
+        f'{d["prompt_len"] + n} (AV encoding {1e3 * d["encode_s"]:.1f} ms, left out)')
+  print(f'  cached     {1e3 * d["cached_s"]:8.1f} ms   (prefill + first token {1e3 * d["first_s"]:.2f} ms, then '
+        f'{1e3 * (d["cached_s"] - d["first_s"]) / max(n - 1, 1):.3f} ms per token)')
+  print(f'  recompute  {1e3 * d["recompute_s"]:8.1f} ms   ({1e3 * d["recompute_s"] / n:.2f} ms per token; '
+        f'{d["recompute_s"] / d["cached_s"]:.1f}x the cached; same tokens: {d["same_tokens"]})')
+  if args.no_stream:
+    return
   s = stream_costs(args.size, args.batch, 32, args.repeats)
   print('chunk-by-chunk step of a 32-chunk clip')
   for t, seconds in s.items():

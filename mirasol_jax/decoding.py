@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -28,12 +29,40 @@ def prompt_only(tokens: Array, prompt_len: Array, pad_id: int = 0) -> Array:
   return jnp.where(keep, tokens, pad_id)
 
 
+def step_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
+  """`variables` for the cached decoder steps (Model.text_extend): the text decoder's scanned layer parameters,
+  stacked on a leading `layers` axis, split into one entry per layer (`layers_0`, ...) as an unscanned Stack stores
+  them. Called outside the decoding loop, so that the per-layer slices are taken once per generation: XLA does not
+  hoist them out of the loop, and copying every layer's weights out of the stack at each step cost more than the
+  step itself (benchmarks/generation.py). Parameters are unboxed; nothing else changes. The price is a second copy
+  of the decoder's layer weights while a generation runs (sharded as the stacked ones are).
+  """
+  variables = nn.unbox(variables)
+  stack = variables['params']['text_decoder']['stack']
+  if 'layers' not in stack:  # already one entry per layer
+    return variables
+  depth = jax.tree.leaves(stack['layers'])[0].shape[0]
+  split = {name: value for name, value in stack.items() if name != 'layers'}
+  split.update({f'layers_{i}': jax.tree.map(lambda p, i=i: p[i], stack['layers']) for i in range(depth)})
+  decoder = dict(variables['params']['text_decoder'], stack=split)
+  return dict(variables, params=dict(variables['params'], text_decoder=decoder))
+
+
+def _prefill(model: Model, step_vars: Mapping[str, Any], tokens: Array, latents: Array,
+             prompt_len: Array) -> tuple[Array, Any]:
+  """(logits [B, vocab] after each prompt, cache): TextDecoder.prefill_prompt, the prompts run through the cached
+  layers in chunks (the cost grows with the longest prompt, not with the text buffer)."""
+  return model.apply(step_vars, tokens, latents, prompt_len,
+                     method=lambda m, *args: m.text_decoder.prefill_prompt(*args))
+
+
 def greedy_decode(model: Model, variables: Mapping[str, Any], batch: Mapping[str, Array], max_new_tokens: int,
                   eos_id: int, pad_id: int = 0, latents: Optional[Array] = None) -> Array:
   """Greedy answers [B, max_new_tokens] to the prompts of `batch` (BOS + prefix, see prompt_lengths).
 
-  One prefill of the prompt fills the self-attention cache and the cross-attention keys and values of the AV
-  latents; every further token costs one cached decoder step. After EOS, or when the text buffer
+  The prompts are prefilled into the self-attention cache, chunk by chunk up to the longest prompt
+  (TextDecoder.prefill_prompt), with the cross-attention keys and values of the AV latents computed once; every
+  further token costs one cached decoder step. After EOS, or when the text buffer
   (model.max_text_len) is full, an example emits pad_id. `latents` (AV latents h [B, T, m, D], or [B, T*m, D])
   replaces the encoding of the batch's video and audio: then only its text_tokens and text_loss_mask are read.
   """
@@ -43,8 +72,9 @@ def greedy_decode(model: Model, variables: Mapping[str, Any], batch: Mapping[str
   latents = latents.reshape(batch_size, -1, latents.shape[-1])
   prompt_len = prompt_lengths(batch['text_loss_mask'])
   tokens = prompt_only(batch['text_tokens'], prompt_len, pad_id)
-  logits, cache = model.apply(variables, tokens, latents, max_len, method=Model.text_prefill)
-  next_token = jnp.argmax(jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0], -1)
+  step_vars = step_variables(variables)
+  logits, cache = _prefill(model, step_vars, tokens, latents, prompt_len)
+  next_token = jnp.argmax(logits, -1)
 
   def body(i, carry):
     cache, next_token, done, out = carry
@@ -52,7 +82,7 @@ def greedy_decode(model: Model, variables: Mapping[str, Any], batch: Mapping[str
     done = done | (position >= max_len)
     out = out.at[:, i].set(jnp.where(done, pad_id, next_token))
     done = done | (next_token == eos_id)
-    step_logits, cache = model.apply(variables, next_token[:, None], jnp.minimum(position, max_len - 1), cache,
+    step_logits, cache = model.apply(step_vars, next_token[:, None], jnp.minimum(position, max_len - 1), cache,
                                      method=Model.text_extend)
     return cache, jnp.argmax(step_logits[:, 0], -1), done, out
 
@@ -61,10 +91,11 @@ def greedy_decode(model: Model, variables: Mapping[str, Any], batch: Mapping[str
   return jax.lax.fori_loop(0, max_new_tokens, body, init)[3]
 
 
-# The text decoder's cache (layers.init_stack_cache) holds arrays [layers, batch, ...]: self-attention keys and values
-# 'k', 'v' of the text positions, and cross-attention keys and values 'ck', 'cv' of the AV latents. The latter are the
-# same for every beam of an example, so reordering beams (always within an example) leaves them as they are.
-_CACHE_BATCH_AXIS = 1
+# The text decoder's cache (TextDecoder.prefill_prompt) holds one dict per layer of arrays [batch, ...]: self-attention keys
+# and values 'k', 'v' of the text positions, and cross-attention keys and values 'ck', 'cv' of the AV latents. The
+# latter are the same for every beam of an example, so reordering beams (always within an example) leaves them as
+# they are.
+_CACHE_BATCH_AXIS = 0
 _SHARED_CACHE_KEYS = ('ck', 'cv')
 
 
@@ -111,8 +142,8 @@ def beam_decode(model: Model, variables: Mapping[str, Any], batch: Mapping[str, 
   latents = latents.reshape(batch_size, -1, latents.shape[-1])
   prompt_len = prompt_lengths(batch['text_loss_mask'])
   tokens = prompt_only(batch['text_tokens'], prompt_len, pad_id)
-  logits, cache = model.apply(variables, tokens, latents, max_len, method=Model.text_prefill)
-  logits = jnp.take_along_axis(logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
+  step_vars = step_variables(variables)
+  logits, cache = _prefill(model, step_vars, tokens, latents, prompt_len)
   k, vocab = beam_size, logits.shape[-1]
   cache = jax.tree.map(lambda leaf: jnp.repeat(leaf, k, axis=_CACHE_BATCH_AXIS), cache)
   first_row = jnp.arange(batch_size)[:, None] * k
@@ -137,7 +168,7 @@ def beam_decode(model: Model, variables: Mapping[str, Any], batch: Mapping[str, 
     beams, parent, token = select(i, beams, log_probs)
     cache = _reorder_beams(cache, (first_row + parent).reshape(-1))
     index = jnp.repeat(jnp.minimum(prompt_len + i, max_len - 1), k)
-    step_logits, cache = model.apply(variables, token.reshape(-1, 1), index, cache, method=Model.text_extend)
+    step_logits, cache = model.apply(step_vars, token.reshape(-1, 1), index, cache, method=Model.text_extend)
     return i + 1, beams, jax.nn.log_softmax(step_logits[:, 0]).reshape(batch_size, k, vocab), cache
 
   def running(carry):

@@ -2,9 +2,20 @@
 
 Three entry points over the same parameters:
 * `__call__(tokens [B, L], latents [B, S, D_av])`: teacher-forced logits [B, L, vocab] (training, scoring);
-* `prefill(tokens, latents, cache_len)`: logits of a prompt plus a KV cache; cross-attention keys and values of the
-  latents are computed here, once, and kept in the cache;
+* `prefill(tokens, latents, cache_len)`: logits of a prompt plus a KV cache, in one pass of the Stack over all of
+  `tokens`; cross-attention keys and values of the latents are computed here, once, and kept in the cache;
+* `prefill_prompt(tokens [B, L], latents, prompt_len [B])`: the same cache for prompts of different lengths in a text
+  buffer, and the logits after each prompt, running chunks of PREFILL_CHUNK positions up to the longest prompt
+  rather than the whole buffer (what mirasol_jax.decoding uses);
 * `extend(tokens [B, s], index [B], cache)`: logits of s new tokens written at per-example positions `index`.
+
+The cache is a tuple with one dict per layer (`k`, `v` [B, cache_len, heads, head_dim] of the text positions, `ck`,
+`cv` [B, T*m, heads, head_dim] of the latents), and `extend` runs the layers one after the other, each with its own
+slice of the stacked parameters. Decoding is one small step per token, and on top of its arithmetic a step costs what
+it copies: through the scanned Stack, every step copied each layer's weights out of the stacked parameters and each
+layer's cache in and out of the stacked cache, which cost as much as the rest of the step (benchmarks/generation.py
+measures it). Per-layer buffers are updated in place, and given per-layer parameters
+(decoding.step_variables, once per generation) a step copies no weights.
 
 `context_norm='tokens'` standardises each feature of the latents over the example's T*m latent tokens before the
 cross-attention. Early in training from scratch the latents are mostly an offset shared by every example (positions,
@@ -24,6 +35,10 @@ import jax.numpy as jnp
 from mirasol_jax.models import layers
 
 Array = jax.Array
+# One dict per layer: self-attention 'k', 'v' and cross-attention 'ck', 'cv' buffers [B, length, heads, head_dim].
+Cache = tuple[dict[str, Array], ...]
+# Positions per step of TextDecoder.prefill_prompt.
+PREFILL_CHUNK = 16
 
 
 class TextDecoder(nn.Module):
@@ -70,20 +85,93 @@ class TextDecoder(nn.Module):
     y, _ = self.stack(x, context=self._context(latents), deterministic=deterministic)
     return self._logits(y)
 
-  def init_cache(self, batch_size: int, cache_len: int, context_len: int) -> dict[str, Array]:
-    return layers.init_stack_cache(self.depth, self.num_heads, self.width, batch_size, cache_len, context_len,
-                                   self.dtype)
-
-  def prefill(self, tokens: Array, latents: Array, cache_len: int) -> tuple[Array, dict[str, Array]]:
+  def prefill(self, tokens: Array, latents: Array, cache_len: int) -> tuple[Array, Cache]:
     if cache_len > self.max_len:
       raise ValueError(f'decoding needs {cache_len} text positions but model.max_text_len is {self.max_len}')
-    cache = self.init_cache(tokens.shape[0], cache_len, latents.shape[1])
+    stacked = layers.init_stack_cache(self.depth, self.num_heads, self.width, tokens.shape[0], cache_len,
+                                      latents.shape[1], self.dtype)
     x = self._embed(tokens, jnp.arange(tokens.shape[1]))
     index = jnp.zeros((tokens.shape[0],), jnp.int32)
-    y, cache = self.stack(x, cache=cache, context=self._context(latents), index=index)
+    y, stacked = self.stack(x, cache=stacked, context=self._context(latents), index=index)
+    cache = tuple({name: buffer[i] for name, buffer in stacked.items()} for i in range(self.depth))
     return self._logits(y), cache
 
-  def extend(self, tokens: Array, index: Array, cache: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+  def _layer_steps(self):
+    """(run, final_norm): run(x, cache, index, context=None) -> (x, cache) applies the layers one after the other,
+    each in cached mode with its own buffers and its own slice of the Stack's parameters; final_norm(x) is the Stack's
+    closing LayerNorm. Pure functions of arrays, so they may run inside lax loops."""
+    # The Stack's parameters as they are stored: a leading `layers` axis when scanned, else one entry per layer
+    # (decoding.step_variables splits them so, once, before its loop).
+    params = nn.unbox(self.stack.variables['params'])
+    stack_kw = self.stack_kw or {}
+    # Unbound modules (parent=None) applied to those parameters: the Stack's Block and final LayerNorm.
+    block = layers.Block(self.num_heads, self.mlp_dim, causal=True, cross_attention=True, dtype=self.dtype,
+                         attention_impl=stack_kw.get('attention_impl'), parent=None)
+    norm = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, parent=None)  # as layers.layer_norm
+    if 'layers' in params:
+      per_layer = [jax.tree.map(lambda p, i=i: p[i], params['layers']) for i in range(self.depth)]
+    else:
+      per_layer = [params[f'layers_{i}'] for i in range(self.depth)]
+
+    def run(x: Array, cache: Cache, index: Array, context=None) -> tuple[Array, Cache]:
+      new_cache = []
+      for layer_params, layer_cache in zip(per_layer, cache):
+        x, layer_cache = block.apply({'params': layer_params}, x.astype(self.dtype), layer_cache, None, context,
+                                     None, index, True)
+        new_cache.append(layer_cache)
+      return x, tuple(new_cache)
+
+    return run, lambda x: norm.apply({'params': params['ln_final']}, x)
+
+  def extend(self, tokens: Array, index: Array, cache: Cache) -> tuple[Array, Cache]:
     positions = index[:, None] + jnp.arange(tokens.shape[1])[None, :]
-    y, cache = self.stack(self._embed(tokens, positions), cache=cache, index=index)
-    return self._logits(y), cache
+    run, final_norm = self._layer_steps()
+    x, cache = run(self._embed(tokens, positions), cache, index)
+    return self._logits(final_norm(x)), cache
+
+  def prefill_prompt(self, tokens: Array, latents: Array, prompt_len: Array,
+                     chunk: int = PREFILL_CHUNK) -> tuple[Array, Cache]:
+    """Cache of the prompts tokens[b, :prompt_len[b]] and the logits [B, vocab] after each (at prompt_len - 1).
+
+    Where `prefill` runs the whole text buffer [B, L], this runs the cached layers over chunks of `chunk` positions
+    from position 0 until every prompt is in the cache (a chunk sees the cache before it, so the result is the
+    same): a 16-token prompt in a 64-position buffer costs one chunk instead of a pass over 64 positions, and the
+    vocabulary projection is made for one position instead of L. Cross-attention keys and values of the latents are
+    computed in the first chunk, once. The cache holds L positions; those from prompt_len on hold whatever the
+    buffer had there (masked out, then overwritten by `extend`).
+    """
+    batch_size, length = tokens.shape
+    if length > self.max_len:
+      raise ValueError(f'decoding needs {length} text positions but model.max_text_len is {self.max_len}')
+    chunk = min(chunk, length)
+    # One layer's buffers of layers.init_stack_cache, for each layer.
+    cache = tuple(layers.init_stack_cache(1, self.num_heads, self.width, batch_size, length, latents.shape[1],
+                                          self.dtype) for _ in range(self.depth))
+    cache = tuple({name: buffer[0] for name, buffer in layer.items()} for layer in cache)
+    x_all = self._embed(tokens, jnp.arange(length))
+    last = (prompt_len - 1) % length  # the position whose logits pick the first new token
+    run, final_norm = self._layer_steps()
+
+    def one_chunk(start, cache, picked, context=None):
+      """Runs positions start..start+chunk-1 and keeps each example's hidden state at `last` if it is among them."""
+      x = jax.lax.dynamic_slice_in_dim(x_all, start, chunk, axis=1)
+      x, cache = run(x, cache, jnp.full((batch_size,), start, jnp.int32), context)
+      offset = last - start
+      here = jnp.take_along_axis(x, jnp.clip(offset, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+      return cache, jnp.where(((offset >= 0) & (offset < chunk))[:, None], here, picked)
+
+    picked = jnp.zeros((batch_size, self.width), self.dtype)
+    cache, picked = one_chunk(0, cache, picked, self._context(latents))
+
+    def more(carry):
+      return carry[0] * chunk <= jnp.max(last)
+
+    def body(carry):
+      j, cache, picked = carry
+      # The last chunk ends at the buffer's end, overlapping the one before: positions written twice get the same
+      # keys and values.
+      cache, picked = one_chunk(jnp.minimum(j * chunk, length - chunk), cache, picked)
+      return j + 1, cache, picked
+
+    _, cache, picked = jax.lax.while_loop(more, body, (jnp.ones((), jnp.int32), cache, picked))
+    return self._logits(final_norm(picked)), cache
