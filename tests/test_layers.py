@@ -1,6 +1,9 @@
-"""Pure building blocks: masks and position embeddings."""
+"""Pure building blocks: masks, position embeddings, tube and patch embeddings, dense layers."""
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mirasol_jax.models import encoders
 from mirasol_jax.models import layers
@@ -40,3 +43,91 @@ def test_tube_geometry():
   assert centres.shape == (98, 3)
   np.testing.assert_allclose(centres[0], [3.5, 3.5, 3.5])
   np.testing.assert_allclose(centres[-1], [19.5, 195.5, 195.5])
+
+
+TUBE_NAMES = ('conv_t', 'conv_h', 'conv_w', 'conv_in', 'embed')
+
+
+def _reference_conv(window, stride):
+  """The nn.Conv the tubes were before PatchEmbed: its parameters are what checkpoints and pretrained.py hold."""
+  return nn.Conv(8, window, strides=stride, padding='VALID', param_dtype=jnp.float32,
+                 kernel_init=layers.logical_init(nn.initializers.lecun_normal(), TUBE_NAMES),
+                 bias_init=layers.logical_init(nn.initializers.zeros_init(), ('embed',)))
+
+
+# (window, stride, offset) on 5 frames of 10x11: tiles with a remainder to drop, the same shifted, and a sparse tube
+# with gaps along every axis whose last position ends before the next stride would (the input is padded to reshape).
+NON_OVERLAPPING = [((2, 4, 4), (2, 4, 4), (0, 0, 0)),
+                   ((2, 4, 4), (2, 4, 4), (1, 2, 1)),
+                   ((1, 3, 2), (2, 4, 4), (0, 1, 2))]
+
+
+@pytest.mark.parametrize('window,stride,offset', NON_OVERLAPPING)
+def test_non_overlapping_tube_as_matmul_equals_the_convolution(window, stride, offset):
+  x = jax.random.normal(jax.random.key(1), (2, 5, 10, 11, 3))
+  tube = encoders.PatchEmbed(8, window, stride, TUBE_NAMES, offset)
+  params = tube.init(jax.random.key(0), x)
+  cropped = x[:, offset[0]:, offset[1]:, offset[2]:]
+  conv_params = _reference_conv(window, stride).init(jax.random.key(0), cropped)
+  # Same names, shapes, logical axes and initial values as the convolution it replaces.
+  assert jax.tree.structure(params) == jax.tree.structure(conv_params)
+  for new, old in zip(jax.tree.leaves(params), jax.tree.leaves(conv_params)):
+    np.testing.assert_array_equal(new, old)
+  assert nn.get_partition_spec(params) == nn.get_partition_spec(conv_params)
+
+  params = jax.tree.map(lambda p: p + 0.1, nn.unbox(params))  # a non-zero bias
+  expected = _reference_conv(window, stride).apply(params, cropped)
+  assert expected.shape[1:4] == encoders.tube_grid((window, stride, offset), x.shape[1:4])
+  expected = expected.reshape(2, -1, 8)  # raster order (t, y, x)
+  np.testing.assert_allclose(tube.apply(params, x), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(tube.clone(matmul=False).apply(params, x), expected, rtol=1e-6, atol=1e-6)
+
+  def loss(p, module):
+    return jnp.sum(jnp.sin(module.apply(p, x)))  # weights every token differently
+  grads = jax.grad(loss)(params, tube)
+  conv_grads = jax.grad(loss)(params, tube.clone(matmul=False))
+  for new, old in zip(jax.tree.leaves(grads), jax.tree.leaves(conv_grads)):
+    assert np.abs(old).max() > 0
+    np.testing.assert_allclose(new, old, rtol=1e-4, atol=1e-4)
+
+
+def test_overlapping_tube_keeps_the_convolution_and_audio_patches_match_it():
+  x = jax.random.normal(jax.random.key(1), (2, 5, 10, 11, 3))
+  window, stride = (2, 4, 4), (1, 3, 3)  # overlapping: the convolution path
+  tube = encoders.PatchEmbed(8, window, stride, TUBE_NAMES)
+  params = nn.unbox(tube.init(jax.random.key(0), x))
+  expected = _reference_conv(window, stride).apply(params, x).reshape(2, -1, 8)
+  np.testing.assert_allclose(tube.apply(params, x), expected, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match='stride >= window'):
+    encoders.patch_tokens(x, window, stride)
+  # A 2-D patch (the audio encoder's), matmul against convolution.
+  spectrogram = jax.random.normal(jax.random.key(2), (2, 12, 9, 1))
+  patch = encoders.PatchEmbed(8, (4, 3), (4, 3), ('conv_h', 'conv_w', 'conv_in', 'embed'))
+  params = nn.unbox(patch.init(jax.random.key(0), spectrogram))
+  assert params['params']['kernel'].shape == (4, 3, 1, 8)
+  np.testing.assert_allclose(patch.apply(params, spectrogram), patch.clone(matmul=False).apply(params, spectrogram),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_on_flattened_operands_matches_the_3d_contraction():
+  x = jax.random.normal(jax.random.key(1), (2, 5, 8))
+  mlp = layers.Mlp(16)
+  params = nn.unbox(mlp.init(jax.random.key(0), x))['params']
+  assert {k: v['kernel'].shape for k, v in params.items()} == {'fc1': (8, 16), 'fc2': (16, 8)}
+
+  def reference(p, x):  # what nn.Dense computes on [B, S, D] without the reshape
+    h = nn.gelu(jnp.einsum('bsd,df->bsf', x, p['fc1']['kernel']) + p['fc1']['bias'])
+    return jnp.einsum('bsf,fd->bsd', h, p['fc2']['kernel']) + p['fc2']['bias']
+
+  params = jax.tree.map(lambda p: p + 0.05, params)  # non-zero biases
+  out = mlp.apply({'params': params}, x)
+  assert out.shape == x.shape
+  np.testing.assert_allclose(out, reference(params, x), rtol=1e-5, atol=1e-5)
+  grads = jax.grad(lambda p: jnp.sum(jnp.sin(mlp.apply({'params': p}, x))))(params)
+  expected = jax.grad(lambda p: jnp.sum(jnp.sin(reference(p, x))))(params)
+  for new, old in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(new, old, rtol=1e-5, atol=1e-5)
+  # The dense layer keeps nn.Dense's parameters and initial values (checkpoints stay valid).
+  plain = nn.Dense(16, kernel_init=nn.initializers.xavier_uniform())
+  np.testing.assert_array_equal(nn.unbox(layers.dense(16, ('embed', 'mlp'), jnp.float32, 'fc1').init(
+      jax.random.key(3), x))['params']['kernel'], plain.init(jax.random.key(3), x)['params']['kernel'])
