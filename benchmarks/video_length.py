@@ -31,6 +31,14 @@ every one) with every tower training, with the audio-video towers frozen by conf
 learning-rate multiplier of 0, beside flops.count with optimizer.frozen_towers: a tower that does not train must
 cost its forward pass only, and the step time must fall with it.
 
+On a CPU the model computes in float32 (`--dtype auto`; `--dtype preset` keeps the presets' bfloat16), as
+configs/demo.py does: XLA:CPU does not update the stacked bfloat16 residuals of a loop in place (it fuses the update
+with a conversion), so each chunk of the TTM Combiner's loop rewrites all the bfloat16 residuals it saves for the
+backward pass, and the Combiner's backward grows with T^2: per chunk 9.2 ms at T = 16 and 23.5 ms at T = 128 on the
+`small` preset, against a constant 6.5 to 7.5 ms in float32; per-operation profiles show the bfloat16
+dynamic-update-slice fusions growing 16 to 30x for 4x the chunks. Accelerators compute in bfloat16 natively; this
+was not measured on one.
+
 Prints tables; figures are medians over `--steps` timed steps after `--warmup`. Beside the wall time of a step,
 its CPU time (all threads of the process): on a machine shared with other jobs the wall time measures the
 neighbours as much as the model, the CPU time much less so. The load average at start and end is printed.
@@ -60,10 +68,12 @@ AV = ('video_encoder', 'audio_encoder', 'combiner', 'av_transformer', 'av_heads'
 # Configs, shared by the parent (FLOPs, parameters) and the children (measurements).
 
 
-def make_config(size: str, frames: int, model: str, batch: int, unrolled: bool = False):
+def make_config(size: str, frames: int, model: str, batch: int, unrolled: bool = False, dtype: str = ''):
   from mirasol_jax import config_lib
   config = config_lib.base_config(size, 'ttm', frames)
   config.batch_size = batch
+  if dtype:
+    config.model.dtype = dtype
   config.model.av_mode = 'chunked' if model == 'mirasol' else 'flat'
   if model == 'flat':
     for term in ('latent', 'video_recon', 'audio_recon'):  # every token sees the next chunk: these would leak
@@ -83,7 +93,7 @@ def child_step(spec: dict[str, Any]) -> dict[str, Any]:
   The process's peak so far (the runtime and the compiler) plus XLA's estimate of the step's buffers predicts its
   peak while running; the step is not run when that exceeds the budget, or when XLA's estimate exceeds what the
   machine has available now (other jobs' memory)."""
-  config = make_config(spec['size'], spec['frames'], spec['model'], spec['batch'])
+  config = make_config(spec['size'], spec['frames'], spec['model'], spec['batch'], dtype=spec['dtype'])
   parts, compiled, compile_s, estimate = compile_step(config)
   result = {'compile_s': compile_s, 'xla_bytes': estimate}
   if estimate is not None:
@@ -103,7 +113,8 @@ def child_frozen(spec: dict[str, Any]) -> dict[str, Any]:
   """XLA's FLOPs of the compiled, unrolled train step and its time, for one way of (not) training the AV towers."""
   from mirasol_jax import flops
   from mirasol_jax import optimizer
-  config = make_config(spec['size'], spec['frames'], 'mirasol', spec['batch'], unrolled=True)
+  config = make_config(spec['size'], spec['frames'], 'mirasol', spec['batch'], unrolled=True,
+                       dtype=spec['dtype'])
   if spec['variant'] == 'frozen':
     config.frozen = '^(?!text_decoder/)'
   elif spec['variant'] == 'zero_rate':
@@ -127,7 +138,7 @@ def child_towers(spec: dict[str, Any]) -> dict[str, Any]:
   from mirasol_jax import metrics as metrics_lib
   from mirasol_jax.models import mirasol
 
-  config = make_config(spec['size'], spec['frames'], spec['model'], spec['batch'])
+  config = make_config(spec['size'], spec['frames'], spec['model'], spec['batch'], dtype=spec['dtype'])
   model = mirasol.Model(**config.model)
   np_batch = random_batch(config, config.batch_size)
   batch = {k: jnp.asarray(v) for k, v in np_batch.items()}
@@ -223,7 +234,7 @@ def length_table(args, budget_bytes: float) -> dict[tuple[str, int], dict[str, A
   for model in args.models:
     too_big = None
     for frames in args.frames:
-      config = make_config(args.size, frames, model, args.batch)
+      config = make_config(args.size, frames, model, args.batch, dtype=args.dtype)
       c = config.model
       tokens = c.num_chunks * (c.tokens_per_chunk if model == 'mirasol' else _chunk_tokens(config))
       row = {'frames': frames, 'chunks': c.num_chunks, 'tokens': tokens, 'params': parameter_count(config),
@@ -232,7 +243,8 @@ def length_table(args, budget_bytes: float) -> dict[tuple[str, int], dict[str, A
         row['error'] = f'not run: {too_big} frames did not fit'
       else:
         row.update(spawn(__file__, 'step', dict(size=args.size, frames=frames, model=model, batch=args.batch,
-                                                warmup=args.warmup, steps=args.steps, budget_bytes=budget_bytes),
+                                                dtype=args.dtype, warmup=args.warmup, steps=args.steps,
+                                                budget_bytes=budget_bytes),
                          args.timeout))
         if row.get('skipped') == 'budget':
           too_big = frames
@@ -331,7 +343,7 @@ def towers_table(args, rows) -> None:
     return
   measured = {}
   for frames in lengths:
-    measured[frames] = spawn(__file__, 'towers', dict(size=args.size, frames=frames, model='mirasol',
+    measured[frames] = spawn(__file__, 'towers', dict(size=args.size, frames=frames, model='mirasol', dtype=args.dtype,
                                                       batch=args.batch, steps=args.steps), args.timeout)
   print(f'{"frames":>6} {"tower":<16}{"fwd ms":>9}{"fwd TFLOP/s":>13}{"fwd MFU":>9}{"train ms":>10}'
         f'{"train TFLOP/s":>15}{"train MFU":>11}{"train share":>13}')
@@ -359,7 +371,7 @@ def towers_table(args, rows) -> None:
       print(f'{frames:>6} the whole train step: {1e3 * step:.1f} ms; its towers alone {1e3 * towers_s:.1f} ms; the '
             f'rest (optimizer, clipping, metrics, losses\' glue) {1e3 * (step - towers_s):.1f} ms')
     print(f'{frames:>6} peak: {result["peak_flops"] / 1e12:.4f} TFLOP/s (metrics.matmul_peak_flops, float32 '
-          f'1024x1024; the model computes in {make_config(args.size, frames, "mirasol", args.batch).model.dtype})')
+          f'1024x1024; the model computes in {args.dtype or "the preset dtype"})')
   if all('error' not in measured[f] for f in lengths) and len(lengths) == 2:
     a, b = lengths
     for key, name in (('train_s', 'time'), ('train_cpu_s', 'CPU time')):
@@ -377,7 +389,7 @@ def frozen_table(args) -> None:
   for variant, name in (('none', 'all train'), ('frozen', 'frozen (config.frozen)'),
                         ('zero_rate', 'lr_multipliers 0')):
     r = spawn(__file__, 'frozen', dict(size=args.size, frames=frames, batch=args.batch, variant=variant,
-                                       warmup=args.warmup, steps=args.steps), args.timeout)
+                                       dtype=args.dtype, warmup=args.warmup, steps=args.steps), args.timeout)
     if 'error' in r:
       print(f'{name:<34}{r["error"]}')
       continue
@@ -392,6 +404,9 @@ def main() -> None:
   parser.add_argument('--frames', default='64,128,256,512', help='comma-separated frame counts')
   parser.add_argument('--models', default='mirasol,flat', help='mirasol, flat or both')
   parser.add_argument('--batch', type=int, default=4)
+  parser.add_argument('--dtype', default='auto',
+                      help="compute dtype: 'auto' is float32 on a CPU (see the module docstring) and the preset's "
+                           'elsewhere; float32 | bfloat16 | preset')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after the compiled first call')
   parser.add_argument('--steps', type=int, default=3, help='timed steps (their median is reported)')
   parser.add_argument('--memory_budget_gb', type=float, default=8.0,
@@ -404,6 +419,11 @@ def main() -> None:
   parser.add_argument('--quick', action='store_true',
                       help='16 and 32 frames, batch 2, one timed step, towers at 16 frames only')
   args = parser.parse_args()
+  if args.dtype == 'auto':
+    import jax
+    args.dtype = 'float32' if jax.default_backend() == 'cpu' else ''
+  elif args.dtype == 'preset':
+    args.dtype = ''
   if args.child:
     spec = json.loads(args.child)
     print(MARKER + json.dumps(CHILDREN[spec.pop('kind')](spec)), flush=True)
