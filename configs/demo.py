@@ -45,7 +45,9 @@ def get_config(arg=None):
   config.eval_every_steps = 600
   config.checkpoint_every_steps = 300
   config.model.text.context_norm = 'tokens'
-  config.model.dtype = 'float32'  # this CPU has no bfloat16 matmul units: float32 steps are faster here
+  # float32 steps are faster on a CPU: XLA:CPU converts around bfloat16 operations, and rewrites a loop's stacked
+  # bfloat16 buffers whole (benchmarks/peer_pytorch.py: 0.76x the time of a bfloat16 step; benchmarks/video_length.py).
+  config.model.dtype = 'float32'
   config.model.scan_layers = False  # on CPU, unrolled layers run about 20% faster and compile no slower
   config.loss_weights.text = 10.0  # the paper weighs the text loss x10 when fine-tuning
   config.loss_weights.latent = 1.0
