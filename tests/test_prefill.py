@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mirasol_jax import decoding
+from mirasol_jax import sharding
 from mirasol_jax.models import text_decoder
 
 LENGTH = 14  # text positions: chunks of 4 start at 0, 4, 8 and 10 (the last one overlapping).
@@ -27,8 +28,11 @@ def test_prompts_prefilled_in_chunks_give_the_logits_after_each_prompt_and_the_f
   decoder, params, tokens, latents = _decoder_and_inputs()
   prompt_len = jnp.asarray(PROMPTS, jnp.int32)
   teacher_forced = decoder.apply(params, tokens, latents)
-  logits, cache = jax.jit(lambda p: decoder.apply(p, tokens, latents, prompt_len, 4,
-                                                  method=text_decoder.TextDecoder.prefill_prompt))(params)
+  # Under a mesh and the logical axis rules, as evaluation runs it: the sharding constraints must fit every shape.
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(rule) for rule in sharding.DEFAULT_AXIS_RULES]):
+    logits, cache = jax.jit(lambda p: decoder.apply(p, tokens, latents, prompt_len, 4,
+                                                    method=text_decoder.TextDecoder.prefill_prompt))(params)
   rows = np.arange(len(PROMPTS))
   np.testing.assert_allclose(logits, teacher_forced[rows, prompt_len - 1], atol=1e-4)
   # A wrong position would give other logits: the check above can fail.

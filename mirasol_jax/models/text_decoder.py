@@ -174,4 +174,5 @@ class TextDecoder(nn.Module):
       return j + 1, cache, picked
 
     _, cache, picked = jax.lax.while_loop(more, body, (jnp.ones((), jnp.int32), cache, picked))
-    return self._logits(final_norm(picked)), cache
+    # [B, 1, width] through the logits, whose sharding constraint names (batch, length, vocab).
+    return self._logits(final_norm(picked[:, None]))[:, 0], cache
