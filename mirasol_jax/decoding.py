@@ -29,13 +29,15 @@ def prompt_only(tokens: Array, prompt_len: Array, pad_id: int = 0) -> Array:
   return jnp.where(keep, tokens, pad_id)
 
 
-def step_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
+def step_variables(variables: Mapping[str, Any], dtype: Any = None) -> dict[str, Any]:
   """`variables` for the cached decoder steps (Model.text_extend): the text decoder's scanned layer parameters,
   stacked on a leading `layers` axis, split into one entry per layer (`layers_0`, ...) as an unscanned Stack stores
   them. Called outside the decoding loop, so that the per-layer slices are taken once per generation: XLA does not
   hoist them out of the loop, and copying every layer's weights out of the stack at each step cost more than the
   step itself (benchmarks/generation.py). Parameters are unboxed; nothing else changes. The price is a second copy
-  of the decoder's layer weights while a generation runs (sharded as the stacked ones are).
+  of the decoder's layer weights while a generation runs (sharded as the stacked ones are). With `dtype` (the
+  model's compute dtype) the copies of matrices are made in it, which the layers cast them to anyway: half the
+  copy's memory in bfloat16, the same results; vectors (biases, norms) keep their dtype.
   """
   variables = nn.unbox(variables)
   stack = variables['params']['text_decoder']['stack']
@@ -43,7 +45,12 @@ def step_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
     return variables
   depth = jax.tree.leaves(stack['layers'])[0].shape[0]
   split = {name: value for name, value in stack.items() if name != 'layers'}
-  split.update({f'layers_{i}': jax.tree.map(lambda p, i=i: p[i], stack['layers']) for i in range(depth)})
+
+  def take(p, i):
+    layer = p[i]
+    return layer.astype(dtype) if dtype is not None and layer.ndim >= 2 else layer
+
+  split.update({f'layers_{i}': jax.tree.map(lambda p, i=i: take(p, i), stack['layers']) for i in range(depth)})
   decoder = dict(variables['params']['text_decoder'], stack=split)
   return dict(variables, params=dict(variables['params'], text_decoder=decoder))
 
@@ -72,7 +79,7 @@ def greedy_decode(model: Model, variables: Mapping[str, Any], batch: Mapping[str
   latents = latents.reshape(batch_size, -1, latents.shape[-1])
   prompt_len = prompt_lengths(batch['text_loss_mask'])
   tokens = prompt_only(batch['text_tokens'], prompt_len, pad_id)
-  step_vars = step_variables(variables)
+  step_vars = step_variables(variables, model.dtype)
   logits, cache = _prefill(model, step_vars, tokens, latents, prompt_len)
   next_token = jnp.argmax(logits, -1)
 
@@ -142,7 +149,7 @@ def beam_decode(model: Model, variables: Mapping[str, Any], batch: Mapping[str, 
   latents = latents.reshape(batch_size, -1, latents.shape[-1])
   prompt_len = prompt_lengths(batch['text_loss_mask'])
   tokens = prompt_only(batch['text_tokens'], prompt_len, pad_id)
-  step_vars = step_variables(variables)
+  step_vars = step_variables(variables, model.dtype)
   logits, cache = _prefill(model, step_vars, tokens, latents, prompt_len)
   k, vocab = beam_size, logits.shape[-1]
   cache = jax.tree.map(lambda leaf: jnp.repeat(leaf, k, axis=_CACHE_BATCH_AXIS), cache)

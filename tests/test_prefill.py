@@ -66,3 +66,20 @@ def test_a_cached_step_is_the_same_with_stacked_and_per_layer_parameters():
       params, tokens.at[jnp.arange(3), prompt_len].set(tokens[:, 0]), latents)[jnp.arange(3), prompt_len], atol=1e-4)
   for a, b in zip(jax.tree.leaves(stacked_cache), jax.tree.leaves(split_cache)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_split_matrices_in_the_compute_dtype_give_the_same_bfloat16_step():
+  decoder, params, tokens, latents = _decoder_and_inputs()
+  decoder = decoder.clone(dtype=jnp.bfloat16)
+  prompt_len = jnp.asarray(PROMPTS[:3], jnp.int32)
+  tokens, latents = tokens[:3], latents[:3]
+  _, cache = decoder.apply(params, tokens, latents, prompt_len, method=text_decoder.TextDecoder.prefill_prompt)
+  split = decoding.step_variables({'params': {'text_decoder': params['params']}},
+                                  jnp.bfloat16)['params']['text_decoder']
+  layer = split['stack']['layers_0']
+  # Matrices in bfloat16 (half the copy), vectors as they were.
+  assert {leaf.dtype for leaf in jax.tree.leaves(layer) if leaf.ndim >= 2} == {jnp.dtype(jnp.bfloat16)}
+  assert {leaf.dtype for leaf in jax.tree.leaves(layer) if leaf.ndim < 2} == {jnp.dtype(jnp.float32)}
+  step = lambda p: decoder.apply(p, tokens[:, :1], prompt_len, cache, method=text_decoder.TextDecoder.extend)
+  for a, b in zip(jax.tree.leaves(step(params)), jax.tree.leaves(step({'params': split}))):
+    np.testing.assert_array_equal(a, b)

@@ -137,7 +137,7 @@ GEOMETRY_FIELDS = ('num_frames', 'num_chunks', 'image_size', 'audio_frames_per_c
 
 
 def batch_shapes(model_config: Mapping[str, Any], batch_size: int) -> dict[str, tuple[tuple[int, ...], Any]]:
-  """Contract 2: key -> (shape, dtype) for a batch of `batch_size` examples of `config.model`'s geometry."""
+  """key -> (shape, dtype) for a batch of `batch_size` examples of `config.model`'s geometry."""
   c = model_config
   t = c['num_chunks']
   return {
