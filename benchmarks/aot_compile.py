@@ -497,16 +497,19 @@ def _multiplicities(comps, entry) -> tuple[dict[str, int], int]:
   return mult, unknown
 
 
-def _fused_root_is_upcast(comps, comp_name: str) -> bool:
-  """Whether a fused computation ends (through bitcasts, copies, reshapes, transposes) in a convert from bf16."""
-  instrs = comps.get(comp_name, {})
-  node = next((i for i in instrs.values() if i.root), None)
+def _upcast_from(comps, instrs, node, into_fusions: bool = True) -> bool:
+  """Whether `node` is a bf16 value converted to f32, through bitcasts, copies, reshapes and transposes, and (with
+  `into_fusions`) through a fusion whose computation ends so."""
   for _ in range(8):
     if node is None:
       return False
     if node.op == 'convert':
       source = instrs.get(node.operands[0]) if node.operands else None
       return source is not None and source.shape.startswith('bf16')
+    if into_fusions and node.op == 'fusion':
+      called = re.search(r'calls=%([^\s,]+)', node.attrs)
+      fused = comps.get(called.group(1), {}) if called else {}
+      return _upcast_from(comps, fused, next((i for i in fused.values() if i.root), None), into_fusions=False)
     if node.op not in _PASS_THROUGH or not node.operands:
       return False
     node = instrs.get(node.operands[0])
@@ -515,20 +518,7 @@ def _fused_root_is_upcast(comps, comp_name: str) -> bool:
 
 def _is_upcast(comps, instrs, name: str) -> bool:
   """Whether value `name` is a bf16 value converted to f32 just before a collective (the CPU's promotion)."""
-  node = instrs.get(name)
-  for _ in range(8):
-    if node is None:
-      return False
-    if node.op == 'convert':
-      source = instrs.get(node.operands[0]) if node.operands else None
-      return source is not None and source.shape.startswith('bf16')
-    if node.op == 'fusion':
-      called = re.search(r'calls=%([^\s,]+)', node.attrs)
-      return bool(called) and _fused_root_is_upcast(comps, called.group(1))
-    if node.op not in _PASS_THROUGH or not node.operands:
-      return False
-    node = instrs.get(node.operands[0])
-  return False
+  return _upcast_from(comps, instrs, instrs.get(name))
 
 
 def _only_sliced(comps, instrs, users, name: str, depth: int = 0) -> bool:

@@ -63,6 +63,10 @@ from typing import Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER_STEP = os.path.join(REPO, 'benchmarks', '_peer_torch_step.py')
 sys.path.insert(0, REPO)
+
+# The peak-memory readers are the peer child's own (that file imports only the standard library at its top).
+from _peer_torch_step import peak_rss_mib, reset_peak_rss  # noqa: E402
+
 DEFAULT_VENV = os.path.join(os.path.expanduser('~'), '.cache', 'mirasol_jax', 'peer_venv')
 # The peer and the one library it builds on, pinned; torch is --torch. numpy and packaging: x-transformers imports
 # packaging without declaring it, and torch warns at import without numpy.
@@ -149,21 +153,6 @@ def ours_config(workload: dict, overrides: dict):
       target = target[name]
     target[field] = value
   return config
-
-
-def peak_rss_mib() -> float:
-  """This process's peak resident memory since the last reset_peak_rss (VmHWM), in MiB."""
-  with open('/proc/self/status') as f:
-    for line in f:
-      if line.startswith('VmHWM:'):
-        return int(line.split()[1]) / 1024
-  return float('nan')
-
-
-def reset_peak_rss() -> None:
-  """Resets VmHWM to the current resident size, so that the next reading is the peak from now on."""
-  with open('/proc/self/clear_refs', 'w') as f:
-    f.write('5')
 
 
 def run_ours(workload: dict, overrides: dict) -> dict:
