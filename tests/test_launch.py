@@ -306,3 +306,29 @@ def test_accelerator_extras_pin_jaxs_own_extras_to_the_installed_range():
   assert extras['gpu'] == [f'jax[cuda12]{jax_range}']
   assert extras['tpu'] == [f'jax[tpu]{jax_range}']
   assert {'cuda12', 'tpu'} <= set(importlib.metadata.metadata('jax').get_all('Provides-Extra'))
+
+
+def test_the_entry_point_restarts_with_huge_pages_for_malloc_where_linux_and_glibc_have_them():
+  env = main.huge_pages_environment({'A': '1'}, ('glibc', '2.36'), 'madvise')
+  assert env == {'A': '1', 'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=1'}
+  appended = main.huge_pages_environment({'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}, ('glibc', '2.39'), 'always')
+  assert appended['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1'
+  for environ, libc, thp in [({'MIRASOL_HUGE_PAGES': '0'}, ('glibc', '2.36'), 'madvise'),  # opted out
+                             ({}, ('glibc', '2.36'), 'never'),  # the kernel has them off
+                             ({}, ('glibc', '2.31'), 'always'),  # glibc before the tunable
+                             ({}, ('', ''), 'always'),  # another libc
+                             ({'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}, ('glibc', '2.36'), 'always')]:  # chosen
+    assert main.huge_pages_environment(environ, libc, thp) is None, (environ, libc, thp)
+  # The restart itself, where this machine allows it: the process goes on with the tunable set, once.
+  code = ('import os; from mirasol_jax import main; main._restart_with_huge_pages(); '
+          'print(os.environ.get("GLIBC_TUNABLES"))')
+  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'MIRASOL_HUGE_PAGES')}
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env, check=True).stdout
+  try:
+    with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+      thp = f.read().split('[', 1)[1].split(']', 1)[0]
+  except (OSError, IndexError):
+    thp = 'never'
+  import platform
+  expected = main.huge_pages_environment(env, platform.libc_ver(), thp) if sys.platform == 'linux' else None
+  assert out.strip() == (expected['GLIBC_TUNABLES'] if expected else 'None')

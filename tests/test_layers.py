@@ -28,6 +28,42 @@ def test_cached_mask_matches_full_masks():
   np.testing.assert_array_equal(causal, np.array([[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]], bool))
 
 
+
+@pytest.mark.parametrize('mask_kind', ['none', 'causal', 'padding', 'block'])
+def test_dot_product_attention_matches_jax_and_its_gradients(mask_kind):
+  q, k, v = (jax.random.normal(key, (2, 6, 3, 4)) for key in jax.random.split(jax.random.PRNGKey(0), 3))
+  mask = {'none': None, 'causal': None, 'block': layers.block_causal_mask(3, 2)[None, None],
+          'padding': layers.key_padding_mask(jnp.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], bool))}[mask_kind]
+  causal = mask_kind == 'causal'
+  ours = lambda q, k, v: layers.dot_product_attention(q, k, v, mask, causal)
+  theirs = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+  np.testing.assert_allclose(ours(q, k, v), theirs(q, k, v), rtol=1e-5, atol=1e-6)
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v) for f in (ours, theirs)]
+  for g_ours, g_theirs in zip(*grads):
+    np.testing.assert_allclose(g_ours, g_theirs, rtol=1e-4, atol=1e-5)
+  if mask_kind == 'padding':  # the padded keys change nothing
+    v2 = v.at[0, 4:].set(100.0)
+    np.testing.assert_allclose(ours(q, k, v2)[0], ours(q, k, v)[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize('chunks,groups', [(5, 1), (5, 2), (5, 3), (5, 8), (8, 8), (7, 4)])
+def test_block_causal_attention_in_query_groups_equals_the_dense_mask(chunks, groups):
+  m = 3
+  q, k, v = (jax.random.normal(key, (2, chunks * m, 2, 4)) for key in jax.random.split(jax.random.PRNGKey(1), 3))
+  dense = lambda q, k, v: layers.dot_product_attention(q, k, v, layers.block_causal_mask(chunks, m)[None, None])
+  grouped = lambda q, k, v: layers.block_causal_attention(q, k, v, m, groups)
+  np.testing.assert_allclose(grouped(q, k, v), dense(q, k, v), rtol=1e-5, atol=1e-6)
+  grads = [jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, k, v) for f in (grouped, dense)]
+  for g_grouped, g_dense in zip(*grads):
+    np.testing.assert_allclose(g_grouped, g_dense, rtol=1e-4, atol=1e-5)
+  # Chunk c's outputs do not move when a later chunk's keys and values do.
+  later = (chunks // 2 + 1) * m
+  moved = grouped(q, k.at[:, later:].add(3.0), v.at[:, later:].add(3.0))
+  np.testing.assert_allclose(moved[:, :later], grouped(q, k, v)[:, :later], rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match='whole chunks'):
+    layers.block_causal_attention(q[:, :-1], k[:, :-1], v[:, :-1], m, groups)
+
+
 def test_sincos_distinguishes_positions_and_pads_odd_widths():
   emb = np.asarray(layers.sincos_nd(np.array([[0., 0, 0], [0, 0, 1], [1, 0, 0]]), 20))
   assert emb.shape == (3, 20)

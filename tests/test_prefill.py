@@ -43,8 +43,8 @@ def test_prompts_prefilled_in_chunks_give_the_logits_after_each_prompt_and_the_f
     np.testing.assert_allclose(layer['ck'], full_layer['ck'], atol=1e-5)
     np.testing.assert_allclose(layer['cv'], full_layer['cv'], atol=1e-5)
     for b, n in enumerate(PROMPTS):  # the prompt's positions; the rest is overwritten by the decoding steps.
-      np.testing.assert_allclose(layer['k'][b, :n], full_layer['k'][b, :n], atol=1e-4)
-      np.testing.assert_allclose(layer['v'][b, :n], full_layer['v'][b, :n], atol=1e-4)
+      np.testing.assert_allclose(layer['k'][b, :, :n], full_layer['k'][b, :, :n], atol=1e-4)
+      np.testing.assert_allclose(layer['v'][b, :, :n], full_layer['v'][b, :, :n], atol=1e-4)
 
 
 def test_a_cached_step_is_the_same_with_stacked_and_per_layer_parameters():

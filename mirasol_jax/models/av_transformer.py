@@ -5,6 +5,8 @@ chunks. Positions are a fixed sin-cos embedding of the chunk index plus a learne
 chunk; neither has a parameter that depends on T, so a model trained on 128 frames runs on 512.
 In training a random fraction `mask_ratio` of the combiner tokens is replaced by a learned mask token.
 `step` runs one chunk against a KV cache of the earlier ones and gives the same latents as the full pass.
+The block-causal attention runs in `query_groups` runs of chunks, each against the keys up to its own last chunk
+(layers.block_causal_attention), which skips most of the pairs the mask forbids.
 `block_causal=False` lets every chunk see every other (an ablation of the paper's design): latents then depend on
 later chunks, so the next-chunk losses see their own targets and there is no chunk-by-chunk `step`.
 """
@@ -29,6 +31,7 @@ class AVTransformer(nn.Module):
   mlp_dim: int
   mask_ratio: float = 0.0
   block_causal: bool = True
+  query_groups: int = 8
   dtype: Any = jnp.float32
   stack_kw: Any = None
 
@@ -37,7 +40,9 @@ class AVTransformer(nn.Module):
                                  (self.tokens_per_chunk, self.width))
     self.mask_token = self.param('mask_token', layers.logical_init(nn.initializers.normal(0.02), ('embed',)),
                                  (self.width,))
-    self.stack = layers.Stack(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype, **(self.stack_kw or {}))
+    self.stack = layers.Stack(self.depth, self.num_heads, self.mlp_dim, dtype=self.dtype,
+                              chunk_tokens=self.tokens_per_chunk if self.block_causal else None,
+                              query_groups=self.query_groups, **(self.stack_kw or {}))
 
   def _embed(self, x: Array, first_chunk) -> Array:
     """x [B, t, m, D] holding chunks first_chunk .. first_chunk + t - 1 -> [B, t*m, D] with positions added."""
@@ -51,8 +56,7 @@ class AVTransformer(nn.Module):
     if mask_tokens and self.mask_ratio > 0.0:
       dropped = jax.random.bernoulli(self.make_rng('dropout'), self.mask_ratio, (batch, chunks, m))
       x = jnp.where(dropped[..., None], self.mask_token.astype(x.dtype), x)
-    mask = layers.block_causal_mask(chunks, m)[None, None] if self.block_causal else None
-    h, _ = self.stack(self._embed(x, 0), self_mask=mask, deterministic=deterministic)
+    h, _ = self.stack(self._embed(x, 0), deterministic=deterministic)
     return h.reshape(batch, chunks, m, width)
 
   def init_cache(self, batch_size: int, num_chunks: int) -> dict[str, Array]:

@@ -67,7 +67,9 @@ def validate_model_config(model: 'Model') -> None:
   height, width = model.image_size
   _require_keys('video', model.video, TOWER_ARGS + ('tubes',))
   _require_keys('audio', model.audio, TOWER_ARGS, ('patch_size', 'input_mean', 'input_std'))
-  _require_keys('av', model.av, COMBINER_ARGS, ('mask_ratio', 'block_causal'))
+  _require_keys('av', model.av, COMBINER_ARGS, ('mask_ratio', 'block_causal', 'query_groups'))
+  if model.av.get('query_groups', 8) < 1:
+    raise _error('av.query_groups', f'{model.av["query_groups"]} must be at least 1')
   _require_keys('text', model.text, TOWER_ARGS, ('tie_embeddings', 'context_norm'))
   if model.text.get('context_norm', 'none') not in ('none', 'tokens'):
     raise _error('text.context_norm', f'{model.text["context_norm"]!r} is not none or tokens')

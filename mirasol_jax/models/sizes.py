@@ -103,6 +103,9 @@ def model_config(size: str, combiner: str = 'ttm') -> ml_collections.ConfigDict:
   c['audio'].update(input_mean=-40.0, input_std=20.0)  # log-mel in dB (power_to_db, top_db=80).
   c['text'].update(tie_embeddings=True, context_norm='none')
   c['av'].setdefault('block_causal', True)
+  # The block-causal attention in 8 runs of query chunks, each against the keys it may see: 9/16 of a dense mask's
+  # pairs (layers.block_causal_attention). 1 = one dense masked attention.
+  c['av'].setdefault('query_groups', 8)
   c.update(combiner=combiner, latent_loss='cosine', dtype='bfloat16', scan_layers=True, remat_policy='none',
            dropout_rate=0.0, attention_impl=None, av_mode='chunked')
   return ml_collections.ConfigDict(c)
