@@ -102,10 +102,13 @@ def load() -> str:
 def spawn(script: str, kind: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
   """Runs `script --child SPEC` (one measurement of kind `kind`) in a fresh process, so that its memory, its device
   statistics and jax's device count are its own; -> the dict the child printed last after MARKER, or {'error': ...}
-  with the end of its output. The environment (XLA_FLAGS, XLA_PYTHON_CLIENT_*) is passed through."""
+  with the end of its output. The environment (XLA_FLAGS, XLA_PYTHON_CLIENT_*) is passed through, with huge pages
+  for malloc added where the host has them, as `python -m mirasol_jax.main` runs (main.huge_pages_environment)."""
+  from mirasol_jax import main
   command = [sys.executable, os.path.abspath(script), '--child', json.dumps(dict(spec, kind=kind))]
   try:
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env=main.host_huge_pages_environment())
   except subprocess.TimeoutExpired:
     return {'error': f'over {timeout:.0f} s (--timeout)'}
   lines = [line for line in done.stdout.splitlines() if line.startswith(MARKER)]

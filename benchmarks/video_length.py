@@ -18,6 +18,9 @@ tokens, the next-chunk losses off; mirasol_jax/models/flat.py):
   reported, longer ones are not compiled). Nor is one whose estimate exceeds what the machine has available at the time;
 * the analytic training FLOPs per example (mirasol_jax/flops.py) and the parameter count, which must not depend on
   the number of frames.
+* the ratio that the target is about, the longest Mirasol step over the shortest, from the two steps compiled in one
+  process and timed alternately (`--pair_rounds`): on a shared machine the speed drifts over the minutes of a
+  sweep, and steps timed minutes apart in separate processes compare the drift as much as the model.
 
 Then, with `--towers`, each tower's forward and forward + backward of the Mirasol model timed on its own at the
 shortest and the longest length (the inputs are the towers' real intermediate activations; the backward is what
@@ -108,6 +111,41 @@ def child_step(spec: dict[str, Any]) -> dict[str, Any]:
   result.update(step_s=float(np.median(times)), cpu_s=float(np.median(cpu_times)), times=times,
                 loss=metrics['train/loss'], peak_rss_mib=peak_rss_mib())
   return result
+
+
+def child_pair(spec: dict[str, Any]) -> dict[str, Any]:
+  """The Mirasol train step at two lengths compiled in one process and timed in alternate rounds, so that both see
+  the same machine: on a machine shared with other jobs the speed drifts by tens of percent over the minutes a
+  sweep takes, and the ratio of two steps timed minutes apart measures the drift as much as the model. -> per
+  round the long step's time over the short steps' of the same round."""
+  import jax
+  runs = []
+  for frames in spec['frames']:
+    config = make_config(spec['size'], frames, 'mirasol', spec['batch'], dtype=spec['dtype'])
+    parts, compiled, _, _ = compile_step(config)
+    state = parts.init(config.seed)
+    batch = {k: jax.device_put(v, parts.batch_shapes[k].sharding)
+             for k, v in random_batch(config, config.batch_size).items()}
+    runs.append([compiled, state, batch])
+
+  def step(run) -> tuple[float, float]:
+    start, cpu_start = time.perf_counter(), time.process_time()
+    run[1], metrics = run[0](run[1], run[2])
+    jax.device_get(metrics)
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+  # Each round: the short step 3 times, then the long one twice; the first of each kind untimed, since a step
+  # right after the other length runs slower (its memory was handed back, caches hold the other's data).
+  ratios, cpu_ratios, short, long = [], [], [], []
+  for _ in range(spec['rounds']):
+    shorts = [step(runs[0]) for _ in range(3)][1:]
+    longs = [step(runs[1]) for _ in range(2)][1:]
+    short += shorts
+    long += longs
+    ratios.append(longs[0][0] / np.mean([t[0] for t in shorts]))
+    cpu_ratios.append(longs[0][1] / np.mean([t[1] for t in shorts]))
+  return {'ratio': float(np.median(ratios)), 'cpu_ratio': float(np.median(cpu_ratios)), 'ratios': ratios,
+          'short_s': float(np.median([t[0] for t in short])), 'long_s': float(np.median([t[0] for t in long]))}
 
 
 def child_frozen(spec: dict[str, Any]) -> dict[str, Any]:
@@ -208,7 +246,7 @@ def _median_call(fn, *args, repeats: int) -> tuple[float, float]:
   return float(np.median(times)), float(np.median(cpu_times))
 
 
-CHILDREN = {'step': child_step, 'towers': child_towers, 'frozen': child_frozen}
+CHILDREN = {'step': child_step, 'towers': child_towers, 'frozen': child_frozen, 'pair': child_pair}
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -296,6 +334,17 @@ def summary(args, rows) -> None:
     cpu_ratio = mirasol_rows[1]['cpu_s'] / mirasol_rows[0]['cpu_s']
     print(f'mirasol: {last} frames cost {ratio:.2f}x the {first}-frame step (linear {linear:.0f}x; target <= '
           f'{1.1 * linear:.1f}x: {verdict}); CPU time {cpu_ratio:.2f}x; analytic FLOPs {flop_ratio:.2f}x')
+  if 'mirasol' in args.models and args.pair_rounds > 0 and len(args.frames) > 1:
+    pair = spawn(__file__, 'pair', dict(size=args.size, frames=[first, last], batch=args.batch, dtype=args.dtype,
+                                        warmup=args.warmup, rounds=args.pair_rounds), args.timeout)
+    if 'ratio' in pair:
+      verdict = 'met' if pair['ratio'] <= 1.1 * linear else 'missed'
+      print(f'mirasol, the two steps timed alternately in one process ({args.pair_rounds} rounds, each the {last}-frame '
+            f'step over the {first}-frame steps just before it): {pair["ratio"]:.2f}x (rounds '
+            f'{min(pair["ratios"]):.2f} to {max(pair["ratios"]):.2f}; target <= {1.1 * linear:.1f}x: {verdict}); CPU '
+            f'time {pair["cpu_ratio"]:.2f}x; steps {pair["short_s"]:.3f} s and {pair["long_s"]:.3f} s')
+    else:
+      print(f'mirasol, the two steps timed alternately: failed ({pair.get("error", pair)})')
   for model in args.models:
     counts = [rows[model, f]['params'] for f in args.frames]
     print(f'{model}: parameters at {", ".join(str(f) for f in args.frames)} frames: '
@@ -416,6 +465,8 @@ def main() -> None:
                            'elsewhere; float32 | bfloat16 | preset')
   parser.add_argument('--warmup', type=int, default=1, help='untimed steps after the compiled first call')
   parser.add_argument('--steps', type=int, default=3, help='timed steps (their median is reported)')
+  parser.add_argument('--pair_rounds', type=int, default=5,
+                      help='rounds of the shortest and longest Mirasol steps timed alternately in one process (0: not)')
   parser.add_argument('--memory_budget_gb', type=float, default=8.0,
                       help='a setting whose predicted peak memory (runtime + XLA estimate) exceeds this is not run')
   parser.add_argument('--sweep', default='True', help='the train step at every length, both models')
@@ -436,7 +487,7 @@ def main() -> None:
     print(MARKER + json.dumps(CHILDREN[spec.pop('kind')](spec)), flush=True)
     return
   if args.quick:
-    args.frames, args.batch, args.warmup, args.steps = '16,32', 2, 0, 1
+    args.frames, args.batch, args.warmup, args.steps, args.pair_rounds = '16,32', 2, 0, 1, 1
   args.frames = [int(f) for f in args.frames.split(',')]
   args.models = [m for m in args.models.split(',') if m]
   unknown = sorted(set(args.models) - set(MODELS))
@@ -448,6 +499,11 @@ def main() -> None:
   start = time.perf_counter()
   print(f'{jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs, jax {jax.__version__}; '
         f'load average at start {load()}')
+  from mirasol_jax import main as entry_point
+  child_env = entry_point.host_huge_pages_environment() or {}
+  print('each measurement in a process of its own, ' + (
+      f'with GLIBC_TUNABLES={child_env["GLIBC_TUNABLES"]} as `python -m mirasol_jax.main` runs'
+      if child_env else 'with the environment as it is'))
   budget = args.memory_budget_gb * 2**30
   rows = {}
   if args.sweep:

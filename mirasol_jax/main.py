@@ -499,17 +499,24 @@ def huge_pages_environment(environ: dict[str, str], libc: tuple[str, str], thp_s
   return {**environ, 'GLIBC_TUNABLES': f'{tunables}:{HUGE_PAGES_TUNABLE}' if tunables else HUGE_PAGES_TUNABLE}
 
 
-def _restart_with_huge_pages() -> None:
+def host_huge_pages_environment():
+  """This process's environment with huge pages for malloc added (huge_pages_environment), where this host has them
+  and they are not set yet; else None."""
   import os
   import platform
   if sys.platform != 'linux':
-    return
+    return None
   try:
     with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
       thp = f.read().split('[', 1)[1].split(']', 1)[0]
   except (OSError, IndexError):
-    return
-  environ = huge_pages_environment(dict(os.environ), platform.libc_ver(), thp)
+    return None
+  return huge_pages_environment(dict(os.environ), platform.libc_ver(), thp)
+
+
+def _restart_with_huge_pages() -> None:
+  import os
+  environ = host_huge_pages_environment()
   if environ is not None:
     try:
       os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], environ)

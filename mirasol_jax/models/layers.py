@@ -197,8 +197,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array] = 
     raise ValueError(f'attention implementation {implementation!r} is not one of None, "xla", "cudnn"')
   kv = 'bhkd' if heads_major else 'bkhd'
   scores = jnp.einsum(f'bqhd,{kv}->bhqk', q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
-  if causal:
-    causal_mask = np.tril(np.ones((q.shape[1], scores.shape[-1]), bool))
+  if causal:  # from iotas, which XLA fuses into the select, rather than a constant array read from memory
+    causal_mask = (jax.lax.broadcasted_iota(jnp.int32, scores.shape[-2:], 0) >=
+                   jax.lax.broadcasted_iota(jnp.int32, scores.shape[-2:], 1))
     mask = causal_mask if mask is None else jnp.logical_and(mask, causal_mask)
   if mask is not None:
     scores = jnp.where(mask, scores, -0.7 * float(np.finfo(np.float32).max))
