@@ -17,7 +17,8 @@ a clip goes on.
    and at chunk 32 of a 32-chunk clip (the size's chunk length, frames = 32 chunks' worth): the cost of the t-th
    chunk should not grow with t beyond the attention over the cache.
 
-Every function is compiled before it is timed; the figures are medians over `--repeats` runs. Prints a table.
+Every function is compiled before it is timed; the figures are medians over `--repeats` runs, the decoding ones
+timed in alternate rounds so that the ratio compares runs made on the same machine state. Prints a table.
 """
 from __future__ import annotations
 
@@ -78,12 +79,25 @@ def decoding_costs(size: str, batch_size: int, new_tokens: int, repeats: int,
   first = jax.jit(lambda v, b, h: decoding.greedy_decode(model, v, b, 1, no_eos, latents=h))
   recompute = jax.jit(lambda v, b: decoding.greedy_decode_uncached(model, v, b, new_tokens, no_eos))
   same = np.array_equal(np.asarray(cached(variables, batch, latents)), np.asarray(recompute(variables, batch)))
-  encode_s = median_seconds(lambda: encode(variables, batch), repeats)
-  cached_s = median_seconds(lambda: cached(variables, batch, latents), repeats)
-  first_s = median_seconds(lambda: first(variables, batch, latents), repeats)
-  recompute_s = median_seconds(lambda: recompute(variables, batch), repeats) - encode_s
-  return {'encode_s': encode_s, 'cached_s': cached_s, 'first_s': first_s, 'recompute_s': recompute_s,
-          'same_tokens': same, 'prompt_len': prompt_len}
+  # Timed in alternate rounds (encode, cached, first token, recompute), so that all four see the same machine: on a
+  # shared machine the speed drifts between runs timed one after the other. The ratio is the median of the rounds'.
+  calls = {'encode_s': lambda: encode(variables, batch), 'cached_s': lambda: cached(variables, batch, latents),
+           'first_s': lambda: first(variables, batch, latents), 'recompute_s': lambda: recompute(variables, batch)}
+  for call in calls.values():
+    jax.block_until_ready(call())  # compiled and run once
+  rounds = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(call())
+      rounds[name].append(time.perf_counter() - start)
+  decoding_only = np.array(rounds['recompute_s']) - np.array(rounds['encode_s'])  # recompute encodes the clip first
+  ratios = decoding_only / np.array(rounds['cached_s'])
+  result = {name: float(np.median(times)) for name, times in rounds.items()}
+  result.update(recompute_s=float(np.median(decoding_only)), ratio=float(np.median(ratios)),
+                ratio_range=(float(np.percentile(ratios, 25)), float(np.percentile(ratios, 75))),
+                same_tokens=same, prompt_len=prompt_len)
+  return result
 
 
 def stream_costs(size: str, batch_size: int, chunks: int, repeats: int, at=(2, 32)) -> dict[int, float]:
@@ -111,7 +125,7 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--new_tokens', type=int, default=32)
   parser.add_argument('--prompt_len', type=int, default=16)
-  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--repeats', type=int, default=15)
   parser.add_argument('--no_stream', action='store_true', help='leave out the chunk-by-chunk part')
   args = parser.parse_args()
   print(f'{jax.devices()[0].device_kind} x{jax.device_count()}, size {args.size}, batch {args.batch}')
@@ -122,7 +136,8 @@ def main() -> None:
   print(f'  cached     {1e3 * d["cached_s"]:8.1f} ms   (prefill + first token {1e3 * d["first_s"]:.2f} ms, then '
         f'{1e3 * (d["cached_s"] - d["first_s"]) / max(n - 1, 1):.3f} ms per token)')
   print(f'  recompute  {1e3 * d["recompute_s"]:8.1f} ms   ({1e3 * d["recompute_s"] / n:.2f} ms per token; '
-        f'{d["recompute_s"] / d["cached_s"]:.1f}x the cached; same tokens: {d["same_tokens"]})')
+        f'{d["ratio"]:.1f}x the cached, median of {args.repeats} alternate rounds, quartiles '
+        f'{d["ratio_range"][0]:.1f} to {d["ratio_range"][1]:.1f}; same tokens: {d["same_tokens"]})')
   if args.no_stream:
     return
   s = stream_costs(args.size, args.batch, 32, args.repeats)

@@ -12,7 +12,7 @@ query that chose each answer token say which latents, hence which chunks of the 
 The weights are the ones the model computes, not a re-implementation of the decoder: the answer is written after its
 prompt and the sequence goes through the model's own teacher-forced path (Model.text_logits), with Flax capturing the
 queries and keys that each layer's cross-attention projects (`capture_intermediates`). Their softmax is what
-`jax.nn.dot_product_attention` computes inside the layer: logits q.k in float32 (bfloat16 operands accumulate in
+`layers.dot_product_attention` computes inside the layer: logits q.k in float32 (bfloat16 operands accumulate in
 float32), times 1/sqrt(head_dim), softmax in float32, no mask (the decoder's cross-attention has none: every latent
 is visible to every text position). The row of answer token j is that of the position before it, whose output chose
 it: under causal self-attention the teacher-forced pass computes at that position what KV-cached decoding computed
@@ -67,7 +67,7 @@ def _is_cross_projection(module, method_name: str) -> bool:
 
 def attention_weights(queries: Array, keys: Array) -> Array:
   """Softmax attention weights [B, heads, L, S] of queries [B, L, heads, hd] over keys [B, S, heads, hd], as
-  jax.nn.dot_product_attention computes them (float32 logits scaled by 1/sqrt(hd), float32 softmax, no mask)."""
+  layers.dot_product_attention computes them (float32 logits scaled by 1/sqrt(hd), float32 softmax, no mask)."""
   logits_dtype = jnp.promote_types(queries.dtype, jnp.float32)
   logits = jnp.einsum('blhd,bshd->bhls', queries, keys, preferred_element_type=logits_dtype)
   logits = logits * jnp.asarray(1.0 / np.sqrt(queries.shape[-1]), logits.dtype)
