@@ -336,7 +336,7 @@ def summary(args, rows) -> None:
           f'{1.1 * linear:.1f}x: {verdict}); CPU time {cpu_ratio:.2f}x; analytic FLOPs {flop_ratio:.2f}x')
   if 'mirasol' in args.models and args.pair_rounds > 0 and len(args.frames) > 1:
     pair = spawn(__file__, 'pair', dict(size=args.size, frames=[first, last], batch=args.batch, dtype=args.dtype,
-                                        warmup=args.warmup, rounds=args.pair_rounds), args.timeout)
+                                        rounds=args.pair_rounds), args.timeout)
     if 'ratio' in pair:
       verdict = 'met' if pair['ratio'] <= 1.1 * linear else 'missed'
       print(f'mirasol, the two steps timed alternately in one process ({args.pair_rounds} rounds, each the {last}-frame '

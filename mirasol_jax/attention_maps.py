@@ -37,6 +37,7 @@ import numpy as np
 
 from mirasol_jax import decoding
 from mirasol_jax.data import tokenizer as tokenizer_lib
+from mirasol_jax.models import layers as layers_lib
 from mirasol_jax.models import mirasol
 
 Array = jax.Array
@@ -66,12 +67,9 @@ def _is_cross_projection(module, method_name: str) -> bool:
 
 
 def attention_weights(queries: Array, keys: Array) -> Array:
-  """Softmax attention weights [B, heads, L, S] of queries [B, L, heads, hd] over keys [B, S, heads, hd], as
-  layers.dot_product_attention computes them (float32 logits scaled by 1/sqrt(hd), float32 softmax, no mask)."""
-  logits_dtype = jnp.promote_types(queries.dtype, jnp.float32)
-  logits = jnp.einsum('blhd,bshd->bhls', queries, keys, preferred_element_type=logits_dtype)
-  logits = logits * jnp.asarray(1.0 / np.sqrt(queries.shape[-1]), logits.dtype)
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  """Softmax attention weights [B, heads, L, S] of queries [B, L, heads, hd] over keys [B, S, heads, hd], as the
+  decoder's cross-attention computes them (layers.attention_weights: no mask)."""
+  return layers_lib.attention_weights(queries, keys)
 
 
 @flax.struct.dataclass

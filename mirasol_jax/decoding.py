@@ -33,8 +33,8 @@ def prompt_only(tokens: Array, prompt_len: Array, pad_id: int = 0) -> Array:
 def step_variables(variables: Mapping[str, Any], dtype: Any = None) -> dict[str, Any]:
   """`variables` for the cached decoder steps (Model.text_extend): the text decoder's scanned layer parameters,
   stacked on a leading `layers` axis, split into one entry per layer (`layers_0`, ...) as an unscanned Stack stores
-  them, and a tied embedding transposed (text_decoder.TRANSPOSED_EMBEDDING). Called outside the decoding loop, so that the per-layer slices are taken once per generation: XLA does not
-  hoist them out of the loop, and copying every layer's weights out of the stack at each step cost more than the
+  them, and a tied embedding transposed (text_decoder.TRANSPOSED_EMBEDDING). Called outside the decoding loop, so
+  that the per-layer slices are taken once per generation: XLA does not hoist them out of the loop, and copying every layer's weights out of the stack at each step cost more than the
   step itself (benchmarks/generation.py). Parameters are unboxed; nothing else changes. The price is a second copy
   of the decoder's layer weights while a generation runs (sharded as the stacked ones are). With `dtype` (the
   model's compute dtype) the copies of matrices are made in it, which the layers cast them to anyway: half the
@@ -42,19 +42,17 @@ def step_variables(variables: Mapping[str, Any], dtype: Any = None) -> dict[str,
   """
   variables = nn.unbox(variables)
   decoder = dict(variables['params']['text_decoder'])
-  if text_decoder.TRANSPOSED_EMBEDDING in decoder:  # already made for decoding
-    return variables
 
   def cast(p):
     return p.astype(dtype) if dtype is not None and p.ndim >= 2 else p
 
   stack = decoder['stack']
-  if 'layers' in stack:
+  if 'layers' in stack:  # else already one entry per layer
     depth = jax.tree.leaves(stack['layers'])[0].shape[0]
     split = {name: value for name, value in stack.items() if name != 'layers'}
     split.update({f'layers_{i}': jax.tree.map(lambda p, i=i: cast(p[i]), stack['layers']) for i in range(depth)})
     decoder['stack'] = split
-  if 'head' not in decoder:  # tied embeddings: the vocabulary projection's matrix [width, vocab], transposed once
+  if 'head' not in decoder and text_decoder.TRANSPOSED_EMBEDDING not in decoder:  # tied embeddings: the vocabulary projection's matrix [width, vocab], transposed once
     decoder[text_decoder.TRANSPOSED_EMBEDDING] = cast(decoder['embed']['embedding'].T)
   return dict(variables, params=dict(variables['params'], text_decoder=decoder))
 

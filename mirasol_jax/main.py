@@ -480,7 +480,7 @@ def huge_pages_environment(environ: dict[str, str], libc: tuple[str, str], thp_s
 
   XLA:CPU allocates a step's buffers afresh every step; with 4 KiB pages a CPU training step of about 100M
   parameters takes 330,000 page faults (the PyTorch peer of benchmarks/peer_pytorch.py 150,000), with huge pages
-  about 2,000, and the step 20% less time. glibc reads the tunable only when a process starts (2.35 and later), so
+  about 2,000, and the step 11 to 20% less time (benchmarks/peer_pytorch.py). glibc reads the tunable only when a process starts (2.35 and later), so
   `run` restarts once with it. Nothing is done where transparent huge pages are off (`thp_setting`, the bracketed
   word of /sys/kernel/mm/transparent_hugepage/enabled), with another libc, when GLIBC_TUNABLES already names
   hugetlb, or when MIRASOL_HUGE_PAGES=0.
@@ -499,9 +499,9 @@ def huge_pages_environment(environ: dict[str, str], libc: tuple[str, str], thp_s
   return {**environ, 'GLIBC_TUNABLES': f'{tunables}:{HUGE_PAGES_TUNABLE}' if tunables else HUGE_PAGES_TUNABLE}
 
 
-def host_huge_pages_environment():
-  """This process's environment with huge pages for malloc added (huge_pages_environment), where this host has them
-  and they are not set yet; else None."""
+def host_huge_pages_environment(environ: dict[str, str] | None = None):
+  """`environ` (default this process's environment) with huge pages for malloc added (huge_pages_environment),
+  where this host has them and they are not set yet; else None."""
   import os
   import platform
   if sys.platform != 'linux':
@@ -511,7 +511,7 @@ def host_huge_pages_environment():
       thp = f.read().split('[', 1)[1].split(']', 1)[0]
   except (OSError, IndexError):
     return None
-  return huge_pages_environment(dict(os.environ), platform.libc_ver(), thp)
+  return huge_pages_environment(dict(os.environ if environ is None else environ), platform.libc_ver(), thp)
 
 
 def _restart_with_huge_pages() -> None:

@@ -28,7 +28,6 @@ def test_cached_mask_matches_full_masks():
   np.testing.assert_array_equal(causal, np.array([[1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]], bool))
 
 
-
 @pytest.mark.parametrize('mask_kind', ['none', 'causal', 'padding', 'block'])
 def test_dot_product_attention_matches_jax_and_its_gradients(mask_kind):
   q, k, v = (jax.random.normal(key, (2, 6, 3, 4)) for key in jax.random.split(jax.random.PRNGKey(0), 3))

@@ -195,16 +195,23 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Optional[Array] = 
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation='cudnn')
   if implementation not in (None, 'xla'):
     raise ValueError(f'attention implementation {implementation!r} is not one of None, "xla", "cudnn"')
-  kv = 'bhkd' if heads_major else 'bkhd'
-  scores = jnp.einsum(f'bqhd,{kv}->bhqk', q, k, preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
+  probs = attention_weights(q, k, mask, causal, heads_major).astype(v.dtype)
+  return jnp.einsum(f'bhqk,{"bhkd" if heads_major else "bkhd"}->bqhd', probs, v)
+
+
+def attention_weights(q: Array, k: Array, mask: Optional[Array] = None, causal: bool = False,
+                      heads_major: bool = False) -> Array:
+  """The softmax weights [B, heads, Q, K] of `dot_product_attention` (its XLA computation), in float32: scores q.k
+  in float32 times 1/sqrt(hd), masked, softmax in float32."""
+  scores = jnp.einsum(f'bqhd,{"bhkd" if heads_major else "bkhd"}->bhqk', q, k,
+                      preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
   if causal:  # from iotas, which XLA fuses into the select, rather than a constant array read from memory
     causal_mask = (jax.lax.broadcasted_iota(jnp.int32, scores.shape[-2:], 0) >=
                    jax.lax.broadcasted_iota(jnp.int32, scores.shape[-2:], 1))
     mask = causal_mask if mask is None else jnp.logical_and(mask, causal_mask)
   if mask is not None:
     scores = jnp.where(mask, scores, -0.7 * float(np.finfo(np.float32).max))
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum(f'bhqk,{kv}->bqhd', probs, v)
+  return jax.nn.softmax(scores, axis=-1)
 
 
 def block_causal_attention(q: Array, k: Array, v: Array, chunk_tokens: int, query_groups: int,
