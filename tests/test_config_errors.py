@@ -41,6 +41,15 @@ def test_unknown_combiner_and_unknown_loss_term():
     mirasol.Model(**config.model)
 
 
+def test_attention_settings_are_checked():
+  with pytest.raises(ValueError, match=r"model\.attention_impl.*'flash'"):
+    _model(attention_impl='flash')
+  config = tiny_config('ttm')
+  config.model.av.query_groups = 0
+  with pytest.raises(ValueError, match=r'model\.av\.query_groups.*0 must be at least 1'):
+    mirasol.Model(**config.model)
+
+
 def test_audio_patches_must_tile_the_spectrogram():
   with pytest.raises(ValueError, match=r'model\.mel_bins.*mel_bins=30.*patch size 8'):
     _model(mel_bins=30)
