@@ -13,8 +13,8 @@ device alone, so a host with eight GPUs measures one of them. For each size and 
 * the median time of a step after `--warmup` untimed steps (the first call is compiled beforehand, not timed),
   examples/s, TFLOP/s and MFU: the analytic training FLOPs per example (mirasol_jax/flops.py: model FLOPs, so a
   policy that recomputes does not get credit for recomputing) against the device's dense bfloat16 peak, from
-  PEAK_TFLOPS by `device_kind` or `--peak_tflops` (without either, a bfloat16 matmul measured on the device, or a
-  float32 one on a CPU: metrics.matmul_peak_flops, a floor rather than the peak);
+  metrics.PEAK_TFLOPS by `device_kind` or `--peak_tflops` (without either, a bfloat16 matmul measured on the
+  device, or a float32 one on a CPU: metrics.device_peak_flops, a floor rather than the peak);
 * the peak device memory: `peak_bytes_in_use` of the device's memory statistics where the runtime keeps them (GPU,
   TPU), else XLA's estimate for the compiled step (arguments + outputs + temporaries + code - donated), marked `*`;
   XLA's estimate is printed beside it in any case;
@@ -29,8 +29,9 @@ device alone, so a host with eight GPUs measures one of them. For each size and 
 The timed batch is `--batch` (comma-separated per-device batches), by default the largest that fits, per policy
 (and a tenth less when that one runs out of memory after all).
 Then, at the policy with the most examples/s, the attention of every layer through `jax.nn.dot_product_attention`
-with implementation='xla' and with 'cudnn' (`config.model.attention_impl`; the presets leave it None, which is
-XLA's), timed the same way. cuDNN's fused attention exists on NVIDIA GPUs only; elsewhere that line says so.
+with implementation='xla' and with 'cudnn' (`config.model.attention_impl`), timed the same way. The policy rows run
+the presets' 'auto': cuDNN's fused kernel for the attentions it takes on an NVIDIA GPU, XLA's computation for the
+others and on any other device. cuDNN's fused attention exists on NVIDIA GPUs only; elsewhere that line says so.
 
 Every policy runs in a process of its own (as does the attention comparison): the device's peak memory statistic
 only ever grows within a process, and a process that ran out of memory leaves nothing behind for the next. The
@@ -56,38 +57,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import measure  # noqa: E402  (random batches, the timed loop, the machine's memory and load, child processes)
 REMAT_POLICIES = ('none', 'dots_no_batch', 'dots', 'full')  # layers.REMAT_POLICIES, fastest to leanest
-# Dense (no sparsity) bfloat16 peak per device, TFLOP/s, matched as a substring of `device.device_kind`: the first
-# match wins, so the more specific names come first.
-PEAK_TFLOPS = (
-    ('H100 PCIe', 756.0),
-    ('H100', 989.0),  # SXM: 'NVIDIA H100 80GB HBM3'
-    ('H200', 989.0),  # and GH200
-    ('A100', 312.0),
-    ('TPU v5p', 459.0),
-    ('TPU v5 lite', 197.0),  # v5e
-    ('TPU v4', 275.0),
-    ('TPU v6 lite', 918.0),  # v6e
-)
 TARGET = {'size': '3b', 'mfu': 0.40, 'devices': ('H100', 'H200')}
 GIB = 2**30
 
 
 def table_peak_flops(device_kind: str) -> Optional[float]:
-  """The dense bfloat16 peak FLOP/s of a device kind from PEAK_TFLOPS, None when it is not listed."""
-  for name, tflops in PEAK_TFLOPS:
-    if name.lower() in device_kind.lower():
-      return tflops * 1e12
-  return None
+  """The dense bfloat16 peak FLOP/s of a device kind (metrics.PEAK_TFLOPS), None when it is not listed."""
+  from mirasol_jax import metrics
+  return metrics.table_peak_flops(device_kind)
 
 
 def load_config(size: str, frames: int, policy: str, batch: int, attention_impl: Optional[str] = None):
-  """configs/pretrain.py for `size` (0 frames: the preset's), one device, `batch` examples, the remat policy."""
+  """configs/pretrain.py for `size` (0 frames: the preset's), one device, `batch` examples, the remat policy, and
+  the attention implementation (None: the preset's 'auto')."""
   from mirasol_jax import config_lib
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   config = config_lib.load_config(os.path.join(repo, f'configs/pretrain.py:size={size},frames={frames}'))
   config.batch_size = batch
   config.model.remat_policy = policy
-  config.model.attention_impl = attention_impl
+  if attention_impl is not None:
+    config.model.attention_impl = attention_impl
   return config
 
 
@@ -283,17 +272,10 @@ def peak_flops(info: dict[str, Any], override_tflops: float) -> tuple[float, str
 
 
 def child_measure_peak(spec: dict[str, Any]) -> dict[str, Any]:
-  """A device PEAK_TFLOPS does not list: the FLOP/s of a large matmul in the dtype the model computes in (float32
-  on a CPU, whose bfloat16 matmuls are emulated and slower)."""
-  import jax
-  import jax.numpy as jnp
+  """A device metrics.PEAK_TFLOPS does not list: the FLOP/s of a large matmul (metrics.device_peak_flops)."""
   from mirasol_jax import metrics
-  device = jax.devices()[0]
-  cpu = device.platform == 'cpu'
-  dtype, size = (jnp.float32, 1024) if cpu else (jnp.bfloat16, 8192)
-  flops = metrics.matmul_peak_flops(device, size=size, dtype=dtype)
-  return {'measured_peak_flops': flops,
-          'measured_peak_source': f'measured {jnp.dtype(dtype).name} {size}x{size} matmul, not a peak'}
+  flops, source = metrics.device_peak_flops()
+  return {'measured_peak_flops': flops, 'measured_peak_source': source}
 
 
 CHILDREN['peak'] = child_measure_peak
@@ -389,7 +371,7 @@ def run_size(size: str, args) -> dict[str, Any]:
         else:
           print(f'  {impl}: {r["error"]}', end='')
         print(';' if impl == 'xla' else '', end='')
-      print(' (the preset\'s attention_impl None is XLA\'s)' if info['platform'] != 'gpu' else '')
+      print(' (the preset\'s attention_impl \'auto\' is XLA\'s here)' if info['platform'] != 'gpu' else '')
   return result
 
 
@@ -430,7 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
   parser.add_argument('--steps', type=int, default=5, help='timed steps (their median is reported)')
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
   parser.add_argument('--peak_tflops', type=float, default=0.0,
-                      help='the device\'s peak TFLOP/s for MFU; 0 looks its device_kind up in PEAK_TFLOPS')
+                      help='the device\'s peak TFLOP/s for MFU; 0 looks its device_kind up in metrics.PEAK_TFLOPS')
   parser.add_argument('--headroom', type=float, default=0.9,
                       help='the fraction of the device\'s memory XLA\'s estimate of a step may take')
   parser.add_argument('--memory_gb', type=float, default=0.0,

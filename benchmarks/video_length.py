@@ -25,7 +25,7 @@ tokens, the next-chunk losses off; mirasol_jax/models/flat.py):
 Then, with `--towers`, each tower's forward and forward + backward of the Mirasol model timed on its own at the
 shortest and the longest length (the inputs are the towers' real intermediate activations; the backward is what
 the train step does for it: weight gradients, and input gradients where a tower upstream trains), with TFLOP/s
-and MFU per tower against `metrics.matmul_peak_flops()` and each tower's growth over the range: what grows faster
+and MFU per tower against `metrics.device_peak_flops()` and each tower's growth over the range: what grows faster
 than the frames. And the analytic split of the AV Transformer's attention, the one term that is quadratic in T at a
 fixed m (block-causal: m^2 T(T+1)/2 pairs counted; computed in `model.av.query_groups` runs of query chunks,
 each against the keys up to its own last chunk, it computes (G+1)/(2G) of the (T*m)^2 of a dense masked attention).
@@ -229,7 +229,7 @@ def child_towers(spec: dict[str, Any]) -> dict[str, Any]:
                              _median_call(jax.jit(forward), own, inputs, repeats=spec['steps'])))
     result[tower].update(zip(('train_s', 'train_cpu_s'),
                              _median_call(jax.jit(forward_backward), own, inputs, repeats=spec['steps'])))
-  result['peak_flops'] = metrics_lib.matmul_peak_flops()
+  result['peak_flops'], result['peak_source'] = metrics_lib.device_peak_flops()
   return result
 
 
@@ -426,14 +426,14 @@ def towers_table(args, rows) -> None:
       towers_s = sum(result[t]['train_s'] for t in towers)
       print(f'{frames:>6} the whole train step: {1e3 * step:.1f} ms; its towers alone {1e3 * towers_s:.1f} ms; the '
             f'rest (optimizer, clipping, metrics, losses\' glue) {1e3 * (step - towers_s):.1f} ms')
-    print(f'{frames:>6} peak: {result["peak_flops"] / 1e12:.4f} TFLOP/s (metrics.matmul_peak_flops, float32 '
-          f'1024x1024; the model computes in {args.dtype or "the preset dtype"})')
+    print(f'{frames:>6} peak: {result["peak_flops"] / 1e12:.4f} TFLOP/s ({result["peak_source"]}; the model '
+          f'computes in {args.dtype or "the preset dtype"})')
   if all('error' not in measured[f] for f in lengths) and len(lengths) == 2:
     a, b = lengths
     for key, name in (('train_s', 'time'), ('train_cpu_s', 'CPU time')):
       print(f'growth of each tower\'s forward + backward {name} from {a} to {b} frames (linear: {b / a:.0f}x): ' +
             ', '.join(f'{t} {measured[b][t][key] / measured[a][t][key]:.2f}x'
-                      for t in measured[a] if t != 'peak_flops'))
+                      for t in measured[a] if not t.startswith('peak_')))
 
 
 def frozen_table(args) -> None:

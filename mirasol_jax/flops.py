@@ -202,7 +202,7 @@ def utilization(flops: Mapping[str, float], seconds: Mapping[str, float] | float
   flops: FLOPs per example per tower (a `count(...)['train']` or `['forward']`, with or without 'total');
   seconds: each tower's own measured time for `examples` examples, or one step time for all of them (then every
   tower is charged its FLOP share of that time and gets the step's TFLOP/s and MFU: the share is what it tells).
-  peak_flops: FLOP/s of the device (config.peak_tflops * 1e12, or metrics.matmul_peak_flops()).
+  peak_flops: FLOP/s of the device (config.peak_tflops * 1e12, or metrics.device_peak_flops()).
   """
   towers = {k: v for k, v in flops.items() if k != 'total'}
   total = sum(towers.values())

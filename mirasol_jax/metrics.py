@@ -84,9 +84,45 @@ def append(workdir: str, step: int, scalars: Mapping[str, float]) -> None:
   paths.Appender(path).append((('\n' if torn else '') + line).encode())
 
 
+# Dense (no sparsity) bfloat16 peak per device, TFLOP/s, matched as a substring of `device.device_kind`: the first
+# match wins, so the more specific names come first.
+PEAK_TFLOPS = (
+    ('H100 PCIe', 756.0),
+    ('H100', 989.0),  # SXM: 'NVIDIA H100 80GB HBM3'
+    ('H200', 989.0),  # and GH200
+    ('A100', 312.0),
+    ('TPU v5p', 459.0),
+    ('TPU v5 lite', 197.0),  # v5e
+    ('TPU v4', 275.0),
+    ('TPU v6 lite', 918.0),  # v6e
+)
+
+
+def table_peak_flops(device_kind: str) -> Optional[float]:
+  """The dense bfloat16 peak FLOP/s of a device kind from PEAK_TFLOPS, None when it is not listed."""
+  for name, tflops in PEAK_TFLOPS:
+    if name.lower() in device_kind.lower():
+      return tflops * 1e12
+  return None
+
+
+def device_peak_flops(device: Optional[jax.Device] = None) -> tuple[float, str]:
+  """(peak FLOP/s of one device, where the figure comes from), the denominator of MFU: the dense bfloat16 peak of a
+  device PEAK_TFLOPS lists; otherwise a matmul measured on it, in bfloat16 on an accelerator and float32 on a CPU
+  (whose bfloat16 matmuls are emulated and slower), a floor rather than the peak."""
+  device = device or jax.devices()[0]
+  listed = table_peak_flops(device.device_kind)
+  if listed:
+    return listed, f'dense bf16 peak of {device.device_kind}'
+  cpu = device.platform == 'cpu'
+  dtype, size = (jnp.float32, 1024) if cpu else (jnp.bfloat16, 8192)
+  return (matmul_peak_flops(device, size=size, dtype=dtype),
+          f'measured {jnp.dtype(dtype).name} {size}x{size} matmul on {device.device_kind}, not a peak')
+
+
 def matmul_peak_flops(device: Optional[jax.Device] = None, size: int = 1024, dtype=jnp.float32,
                       repeats: int = 5) -> float:
-  """FLOP/s of a square matmul on one device: a stand-in for the peak when config.peak_tflops is not set."""
+  """FLOP/s of a square matmul on one device (`device_peak_flops` for a device with no listed peak)."""
   device = device or jax.devices()[0]
   a = jax.device_put(jnp.ones((size, size), dtype), device)
   f = jax.jit(lambda x: x @ x)

@@ -352,7 +352,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------------------------------------------------------------
   # The loop. Metrics of step s are fetched while step s + 1 runs, so the host never waits on the device.
   writer = metrics_lib.Writer(workdir, start_step, enabled=process_index == 0)
-  peak = config.get('peak_tflops', 0.0) * 1e12 or metrics_lib.matmul_peak_flops()
+  if config.get('peak_tflops', 0.0):
+    peak, peak_source = config.peak_tflops * 1e12, 'config.peak_tflops'
+  else:
+    peak, peak_source = metrics_lib.device_peak_flops()
+  _log(f'MFU against {peak / 1e12:.4g} TFLOP/s per device ({peak_source})')
   # MFU counts the work the step does: towers that do not train cost their forward pass (and the backward through
   # them only when a tower upstream trains).
   train_flops = flops.count(config.model, optimizer.frozen_towers(config))['train']['total']

@@ -22,6 +22,20 @@ def test_peak_table_by_device_kind(kind, tflops):
   assert (peak is None) if tflops is None else peak == tflops * 1e12
 
 
+def test_device_peak_is_the_table_or_a_measured_matmul():
+  """The trainer's MFU denominator: a listed device's bf16 peak, else a matmul measured on it (float32 on a CPU),
+  never the 1024x1024 float32 matmul on an accelerator, which put an H100's MFU at 700%."""
+  import jax
+  from mirasol_jax import metrics
+  flops, source = metrics.device_peak_flops()
+  device = jax.devices()[0]
+  if metrics.table_peak_flops(device.device_kind):
+    assert flops == metrics.table_peak_flops(device.device_kind) and 'dense bf16' in source
+  else:
+    assert math.isfinite(flops) and flops > 0
+    assert ('float32 1024x1024' if device.platform == 'cpu' else 'bfloat16 8192x8192') in source
+
+
 @pytest.mark.parametrize('threshold, max_batch', [(37, 256), (1, 256), (0, 256), (256, 256), (300, 100), (5, 6)])
 @pytest.mark.parametrize('linear', [True, False])
 def test_largest_batch_search_finds_the_threshold(threshold, max_batch, linear):

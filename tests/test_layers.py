@@ -45,6 +45,33 @@ def test_dot_product_attention_matches_jax_and_its_gradients(mask_kind):
     np.testing.assert_allclose(ours(q, k, v2)[0], ours(q, k, v)[0], rtol=1e-6)
 
 
+@pytest.mark.parametrize('query_shape, key_length, dtype, masked, nvidia, takes', [
+    ((2, 392, 16, 64), 392, jnp.bfloat16, False, True, True),  # the 3b video tower
+    ((2, 128, 16, 128), 128, jnp.bfloat16, True, True, True),  # the 3b text decoder, causal + padding
+    ((2, 17, 2, 32), 17, jnp.bfloat16, True, True, False),  # odd lengths under a mask: jax refuses them
+    ((2, 17, 2, 32), 17, jnp.bfloat16, False, True, True),  # ... but not without one
+    ((2, 64, 4, 32), 64, jnp.float32, False, True, False),  # float32: no fused kernel
+    ((2, 64, 4, 12), 64, jnp.bfloat16, False, True, False),  # head dim not a multiple of 8
+    ((2, 64, 4, 192), 64, jnp.bfloat16, False, True, False),  # head dim over 128
+    ((2, 64, 4, 64), 64, jnp.bfloat16, False, False, False),  # not an NVIDIA GPU
+])
+def test_cudnn_supports_what_jax_takes(query_shape, key_length, dtype, masked, nvidia, takes):
+  assert layers.cudnn_supports(query_shape, key_length, dtype, masked, nvidia_gpu=nvidia) is takes
+
+
+def test_auto_attention_is_the_implementation_cudnn_supports_chooses():
+  """'auto' is exactly the kernel `cudnn_supports` picks: on a CPU the XLA computation, so that the presets' default
+  changes nothing there."""
+  q, k, v = (jax.random.normal(key, (2, 8, 2, 8), jnp.bfloat16) for key in jax.random.split(jax.random.PRNGKey(2), 3))
+  mask = layers.block_causal_mask(4, 2)[None, None]
+  chosen = 'cudnn' if layers.cudnn_supports(q.shape, 8, q.dtype, True) else 'xla'
+  assert chosen == ('cudnn' if jax.default_backend() == 'gpu' else 'xla')
+  np.testing.assert_array_equal(layers.dot_product_attention(q, k, v, mask, implementation='auto'),
+                                layers.dot_product_attention(q, k, v, mask, implementation=chosen))
+  with pytest.raises(ValueError, match="'flash' is not one of"):
+    layers.dot_product_attention(q, k, v, implementation='flash')
+
+
 @pytest.mark.parametrize('chunks,groups', [(5, 1), (5, 2), (5, 3), (5, 8), (8, 8), (7, 4)])
 def test_block_causal_attention_in_query_groups_equals_the_dense_mask(chunks, groups):
   m = 3

@@ -70,8 +70,8 @@ def validate_model_config(model: 'Model') -> None:
   _require_keys('av', model.av, COMBINER_ARGS, ('mask_ratio', 'block_causal', 'query_groups'))
   if model.av.get('query_groups', 8) < 1:
     raise _error('av.query_groups', f'{model.av["query_groups"]} must be at least 1')
-  if model.attention_impl not in (None, 'xla', 'cudnn'):
-    raise _error('attention_impl', f'{model.attention_impl!r} is not one of None, xla, cudnn')
+  if model.attention_impl not in layers.ATTENTION_IMPLEMENTATIONS:
+    raise _error('attention_impl', f'{model.attention_impl!r} is not one of None, xla, cudnn, auto')
   _require_keys('text', model.text, TOWER_ARGS, ('tie_embeddings', 'context_norm'))
   if model.text.get('context_norm', 'none') not in ('none', 'tokens'):
     raise _error('text.context_norm', f'{model.text["context_norm"]!r} is not none or tokens')
