@@ -253,31 +253,30 @@ def _read_newest(path: str, read: Callable[[str], Any]) -> tuple[int, Any]:
   return step, result
 
 
-def restore_params(workdir: str, step: int, abstract_params: Any) -> Any:
-  """The parameters alone of a checkpoint of this project, laid out like `abstract_params` (ShapeDtypeStructs with
-  shardings): neither the optimizer state nor the data iterator is read."""
-  state = _whole_step(checkpoints_folder(workdir), step)
-  _check_fits(state, abstract_params, os.path.dirname(state))
-  return _read_params(state, abstract_params)
+def _read_step(path: str, step: Optional[int], read: Callable[[str], Any]) -> tuple[int, Any]:
+  """read(state item folder) of a run's checkpoint (its workdir or its checkpoints folder) of `step`, or with None
+  of its newest that reads (_read_newest), and the step read."""
+  if step is None:
+    return _read_newest(path, read)
+  return step, read(_whole_step(checkpoints_folder(path), step))
 
 
-def newest_params(path: str, abstract_params: Optional[Any] = None) -> tuple[int, Any]:
-  """The step and parameters of a run's newest checkpoint that reads (see _read_newest), laid out like
-  `abstract_params` (ShapeDtypeStructs with shardings), or as numpy arrays without it."""
+def params_at(path: str, step: Optional[int] = None, abstract_params: Optional[Any] = None) -> tuple[int, Any]:
+  """(step, parameters) of a run's checkpoint (its workdir or its checkpoints folder): that of `step`, by default
+  the newest that reads (damaged newer ones passed over with a warning). Laid out like `abstract_params`
+  (ShapeDtypeStructs with shardings; their names and shapes are checked against the checkpoint's before anything is
+  read), or as numpy arrays without it. Neither the optimizer state nor the data iterator is read."""
   def read(state: str) -> Any:
     if abstract_params is not None:
       _check_fits(state, abstract_params, os.path.dirname(state))
     return _read_params(state, abstract_params)
 
-  return _read_newest(path, read)
+  return _read_step(path, step, read)
 
 
 def read_params(path: str, step: Optional[int] = None) -> Any:
-  """The parameters, as numpy arrays, of a run's checkpoint (its workdir or its checkpoints folder; by default the
-  newest that reads)."""
-  if step is None:
-    return newest_params(path)[1]
-  return _read_params(_whole_step(checkpoints_folder(path), step))
+  """The parameters alone, as numpy arrays, of params_at(path, step)."""
+  return params_at(path, step)[1]
 
 
 def load_params(path: str, target_params: Any, regex: str, step: Optional[int] = None) -> tuple[Any, list[str]]:
@@ -304,9 +303,6 @@ def load_params(path: str, target_params: Any, regex: str, step: Optional[int] =
                 for name in names}
     return names, _read_params(state, flax.traverse_util.unflatten_dict(selected, sep='/'))
 
-  if step is None:
-    _, (names, loaded) = _read_newest(path, read)
-  else:
-    names, loaded = read(_whole_step(checkpoints_folder(path), step))
+  _, (names, loaded) = _read_step(path, step, read)
   target.update(flax.traverse_util.flatten_dict(loaded, sep='/'))
   return flax.traverse_util.unflatten_dict(target, sep='/'), names

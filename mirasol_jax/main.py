@@ -315,7 +315,7 @@ def _probe_params(config, model, workdir: str, from_init: bool):
   if steps:
     if from_init:
       raise app.UsageError(f'--probe_init probes a workdir without checkpoint; {workdir} holds step {steps[-1]}')
-    step, params = checkpoint.newest_params(workdir)  # passes over damaged newer ones, with a warning
+    step, params = checkpoint.params_at(workdir)  # the newest that reads, past damaged newer ones
     return params, step, f'{workdir}/checkpoints/{step}'
   sources = train.init_sources(config)  # init_from and pretrained towers
   if not (sources or from_init):

@@ -156,10 +156,8 @@ def evaluate(config, workdir: str, step: Optional[int] = None) -> dict[str, floa
     boxed = jax.eval_shape(lambda rng: init_params(model, rng, init_batch)[0], jax.random.PRNGKey(config.seed))
     shardings = sharding.logical_shardings(boxed, mesh, rules)
     abstract = checkpoint.abstract_with_shardings(sharding.box_values(boxed), shardings)
-  if step is not None:
-    params = checkpoint.restore_params(workdir, step, abstract)
-  elif checkpoint.saved_steps(checkpoint.checkpoints_folder(workdir)):
-    step, params = checkpoint.newest_params(workdir, abstract)  # passes over damaged newer ones, with a warning
+  if step is not None or checkpoint.saved_steps(checkpoint.checkpoints_folder(workdir)):
+    step, params = checkpoint.params_at(workdir, step, abstract)  # the newest passes over damaged newer ones
   if step is not None:
     _log(f'evaluating {workdir}/checkpoints/{step}')
   elif init_sources(config):

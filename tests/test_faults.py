@@ -162,7 +162,7 @@ def test_damaged_checkpoints_and_metrics_do_not_stop_a_resume(repo, small_demo, 
     f.write(b'\n'.join([*lines[:2], b'\xff\xfe\x00{"step": 2', *lines[2:-1], lines[-1][:20]]))
 
   # eval and probe read the newest checkpoint that reads, and leave the damaged ones where they are.
-  step, params = checkpoint.newest_params(workdir)
+  step, params = checkpoint.params_at(workdir)
   assert step == 5 and '6' in os.listdir(folder) and '9' in os.listdir(folder)
   assert main._last_update_ratios(workdir)[0] == 5
 
@@ -208,7 +208,7 @@ def test_shapes_are_checked_from_metadata_before_any_array_is_read(reference, tm
   abstract = {name: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=device) for name, array in target.items()}
   with pytest.raises(checkpoint.MismatchError, match=r'checkpoints/6 does not fit this config: '
                                                      r'text_decoder/embed/embedding has shape \(512, 64\) there'):
-    checkpoint.newest_params(workdir, flax.traverse_util.unflatten_dict(abstract, sep='/'))
+    checkpoint.params_at(workdir, None, flax.traverse_util.unflatten_dict(abstract, sep='/'))
 
 
 def test_metrics_writer_keeps_the_whole_lines(tmp_path, caplog):
