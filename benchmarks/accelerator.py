@@ -33,9 +33,9 @@ with implementation='xla' and with 'cudnn' (`config.model.attention_impl`), time
 the presets' 'auto': cuDNN's fused kernel for the attentions it takes on an NVIDIA GPU, XLA's computation for the
 others and on any other device. cuDNN's fused attention exists on NVIDIA GPUs only; elsewhere that line says so.
 
-Every policy runs in a process of its own (as does the attention comparison): the device's peak memory statistic
-only ever grows within a process, and a process that ran out of memory leaves nothing behind for the next. The
-parent process never touches the accelerator. A step that compiles but fails to run (out of memory despite XLA's
+Every policy runs in a process of its own, as does each side of the attention comparison: the device's peak memory
+statistic only ever grows within a process, and a process that ran out of memory leaves nothing behind for the next.
+The parent process never touches the accelerator. A step that compiles but fails to run (out of memory despite XLA's
 estimate, a cuDNN kernel that does not support a shape) is reported, not fatal.
 
 The last line compares the best MFU at `3b` with the target: at least 40% on one H100 or H200. `--json OUT` writes
@@ -246,12 +246,10 @@ def child_policy(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_attention(spec: dict[str, Any]) -> dict[str, Any]:
-  """The step with every attention through XLA's implementation and through cuDNN's fused kernel, same batch."""
+  """The step with every attention through one implementation (spec['impl']: 'xla', XLA's computation, or 'cudnn',
+  cuDNN's fused kernel): one process each, so that each peak memory is its own."""
   device = _Device(spec)
-  result = device.info()
-  for impl in ('xla', 'cudnn'):
-    result[impl] = device.time_step(spec['batch'], attention_impl=impl)
-  return result
+  return dict(device.info(), **device.time_step(spec['batch'], attention_impl=spec['impl']))
 
 
 CHILDREN = {'policy': child_policy, 'attention': child_attention}
@@ -355,23 +353,21 @@ def run_size(size: str, args) -> dict[str, Any]:
       result['attention'] = {'xla': row, 'cudnn': {'error': f'not available on {info["platform"]}'}}
     else:
       print(f'  [{size}] attention xla / cudnn at remat {policy}, batch {row["batch"]} ...', flush=True)
-      result['attention'] = measure.spawn(__file__, 'attention', dict(spec, policy=policy, batch=row['batch']),
-                                          args.timeout)
-    attention = result['attention']
+      result['attention'] = {impl: measure.spawn(__file__, 'attention', dict(spec, policy=policy, batch=row['batch'],
+                                                                             impl=impl), args.timeout)
+                             for impl in ('xla', 'cudnn')}
     print(f'attention at the fastest policy ({policy}, batch {row["batch"]}):', end='')
-    if 'error' in attention:
-      print(f' {attention["error"]}')
-    else:
-      for impl in ('xla', 'cudnn'):
-        r = attention[impl]
-        if 'step_s' in r:
-          mfu = r['batch'] / r['step_s'] * flops_per_example / peak
-          print(f'  {impl}: {r["step_s"]:.4f} s a step, MFU {100 * mfu:.2f}%', end='')
-          r['mfu'] = mfu
-        else:
-          print(f'  {impl}: {r["error"]}', end='')
-        print(';' if impl == 'xla' else '', end='')
-      print(' (the preset\'s attention_impl \'auto\' is XLA\'s here)' if info['platform'] != 'gpu' else '')
+    for impl in ('xla', 'cudnn'):
+      r = result['attention'][impl]
+      if 'step_s' in r:
+        mfu = r['batch'] / r['step_s'] * flops_per_example / peak
+        print(f'  {impl}: {r["step_s"]:.4f} s a step, MFU {100 * mfu:.2f}%, peak {_gib(r.get("peak_bytes"))} GiB',
+              end='')
+        r['mfu'] = mfu
+      else:
+        print(f'  {impl}: {r["error"]}', end='')
+      print(';' if impl == 'xla' else '', end='')
+    print(' (the preset\'s attention_impl \'auto\' is XLA\'s here)' if info['platform'] != 'gpu' else '')
   return result
 
 
