@@ -1,7 +1,9 @@
-"""Benchmark converters: tiny fixtures in each official annotation format, real mp4 media, missing files counted."""
+"""Benchmark converters: tiny fixtures in each official annotation format, real mp4 media, missing files counted;
+malformed rows stop the conversion with the file, the line and the reason, writing nothing."""
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -273,8 +275,10 @@ def test_epic_sounds_rejects_another_class_list(tmp_path, clip):
   write_csv(f'{annotations}/EPIC_Sounds_validation.csv', [
       ['P01_11_0', 'P01', 'P01_11', '00:00:02.069', '00:00:02.993', 0, 1, 'x', 'rustle', 3]],
       EPIC_COLUMNS + ['description', 'class', 'class_id'])
-  with pytest.raises(ValueError, match='class_id 3'):
+  with pytest.raises(common.AnnotationError) as error:
     CONVERTERS['epic_sounds'](annotations, media, output)
+  assert str(error.value) == ("EPIC_Sounds_validation.csv, line 2: P01_11_0 has class_id 3 = 'rustle', the official "
+                              "list has 'open / close'")
 
 
 def test_media_index_and_stale_split(tmp_path, clip):
@@ -311,3 +315,151 @@ def test_command_line(tmp_path, clip):
   result = subprocess.run(command[:4] + [f'--annotations={media}'] + command[5:], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
   assert result.returncode == 1 and 'vggsound.csv not in' in result.stderr
+
+
+# Malformed annotations: one valid file set per benchmark, then one file replaced by a damaged one. Each must stop the
+# conversion with exactly this message (file, line as an editor numbers it or JSON entry, reason) and leave the
+# output of an earlier conversion as it was.
+NEXT_QA_CSV = ','.join(NEXT_QA_HEADER) + '\n'
+NEXT_QA_ROW = '4010069381,369,640,480,how do they play,2,6,CH,a,b,c,d,e\n'
+EPIC_CSV = ','.join(EPIC_COLUMNS + ['description', 'class', 'class_id']) + '\n'
+EPIC_ROW = 'P01_01_0,P01,P01_01,00:00:02.466,00:00:05.315,59184,127560,paper rustle,rustle,4\n'
+KINETICS_CSV = ','.join(KINETICS_HEADER) + '\n'
+MSRVTT_ENTRY = dict(answer='a', category_id=0, id=0, question='q?', video_id=0)
+VALID = {
+    'msrvtt_qa': {'train_qa.json': json.dumps([MSRVTT_ENTRY])},
+    'activitynet_qa': {'val_q.json': json.dumps([dict(video_name='abc', question='q', question_id='v_abc_0')]),
+                       'val_a.json': json.dumps([dict(answer='yes', type=3, question_id='v_abc_0')])},
+    'next_qa': {'train.csv': NEXT_QA_CSV + NEXT_QA_ROW, 'map_vid_vidorID.json': '{"4010069381": "1006/4010069381"}'},
+    'kinetics_sound': {'train.csv': KINETICS_CSV + 'playing drums,--07WQ2iBlw,1,11,train\n'},
+    'vggsound': {'vggsound.csv': '---g-f_I2yQ,1,people marching,train\n'},
+    'epic_sounds': {'EPIC_Sounds_train.csv': EPIC_CSV + EPIC_ROW},
+}
+MALFORMED = [
+    # A required column or field missing: the wrong file or another version of the dataset.
+    ('msrvtt_qa', {'train_qa.json': json.dumps([MSRVTT_ENTRY, dict(id=1, question='q', answer='a')])},
+     "train_qa.json, entry [1]: no field 'video_id' (fields: id, question, answer)"),
+    ('activitynet_qa', {'val_a.json': json.dumps([dict(answer='yes', question_id='v_abc_0')])},
+     "val_a.json, entry [0]: no field 'type' (fields: answer, question_id)"),
+    ('next_qa', {'train.csv': NEXT_QA_CSV.replace('video,', 'vid,') + NEXT_QA_ROW},
+     "train.csv, line 1: no column 'video' (columns: vid, frame_count, width, height, question, answer, qid, type, "
+     "a0, a1, a2, a3, a4)"),
+    ('kinetics_sound', {'train.csv': 'label,youtube_id,time_end,split\nplaying drums,--07WQ2iBlw,11,train\n'},
+     "train.csv, line 1: no column 'time_start' (columns: label, youtube_id, time_end, split)"),
+    ('epic_sounds', {'EPIC_Sounds_train.csv': EPIC_CSV.replace(',class_id', '') + EPIC_ROW[:-3] + '\n'},
+     "EPIC_Sounds_train.csv, line 1: no column 'class_id' (columns: annotation_id, participant_id, video_id, "
+     "start_timestamp, stop_timestamp, start_sample, stop_sample, description, class)"),
+    # A value the converter reads, not of its form; line numbers as an editor shows them (a quoted field over two
+    # lines and a blank line come before the bad row of kinetics_sound).
+    ('msrvtt_qa', {'train_qa.json': json.dumps([dict(MSRVTT_ENTRY, question=None)])},
+     'train_qa.json, entry [0]: question is null, not text'),
+    ('activitynet_qa', {'val_a.json': json.dumps([dict(answer='yes', type='abc', question_id='v_abc_0')])},
+     "val_a.json, entry [0]: type 'abc' is not a whole number"),
+    ('activitynet_qa', {'val_q.json': json.dumps([dict(video_name='abc', question='q', question_id='v_abc_0'),
+                                                  ['def', 'q', 'v_def_0']])},
+     'val_q.json, entry [1]: a JSON object expected, found ["def", "q", "v_def_0"]'),
+    ('next_qa', {'train.csv': NEXT_QA_CSV + NEXT_QA_ROW + ',369,640,480,why,1,7,CW,a,b,c,d,e\n'},
+     'train.csv, line 3: video is empty'),
+    ('next_qa', {'map_vid_vidorID.json': '{"4010069381": 1006}'},
+     "map_vid_vidorID.json, entry '4010069381': the VidOR path is 1006, not a path"),
+    ('kinetics_sound', {'train.csv': KINETICS_CSV + '"playing\ndrums",--07WQ2iBlw,1,11,train\n\n'
+                                                    'bowling,abcdefghijk,1:xx,11,train\n'},
+     "train.csv, line 5: time_start '1:xx' is not a number"),
+    ('vggsound', {'vggsound.csv': '---g-f_I2yQ,1,people marching,train\n-0UuUoXQUoI,1O7,people marching,test\n'},
+     "vggsound.csv, line 2: start seconds (field 2) '1O7' is not a number"),
+    ('epic_sounds', {'EPIC_Sounds_train.csv': EPIC_CSV + EPIC_ROW + EPIC_ROW.replace('00:00:02.466', '1:xx')},
+     "EPIC_Sounds_train.csv, line 3: start_timestamp '1:xx' is not HH:MM:SS.fff"),
+    ('epic_sounds', {'EPIC_Sounds_train.csv': EPIC_CSV + EPIC_ROW.replace('rustle,4', 'rustle,abc')},
+     "EPIC_Sounds_train.csv, line 2: class_id 'abc' is not a whole number"),
+    # A damaged file: a row cut short, text that is not UTF-8, JSON that does not parse or is not a list.
+    ('next_qa', {'train.csv': NEXT_QA_CSV + NEXT_QA_ROW + NEXT_QA_ROW[:40] + '\n'},
+     'train.csv, line 3: 6 fields, the header (line 1) has 13'),
+    ('vggsound', {'vggsound.csv': b'---g-f_I2yQ,1,people marching,train\n\n-0UuUoXQUoI,1,caf\xe9,test\n'},
+     'vggsound.csv, line 3: not UTF-8 text'),
+    ('msrvtt_qa', {'train_qa.json': '[{"id": 1,\n  "question": "q" "answer": "a"}]'},
+     "train_qa.json, line 2 column 19: not JSON (Expecting ',' delimiter)"),
+    ('msrvtt_qa', {'train_qa.json': json.dumps({'0': MSRVTT_ENTRY})},
+     'train_qa.json: a JSON list expected, the file holds {"0": {"answer": "a", "category_id": 0, "id": 0, '
+     '"questio...'),
+]
+
+
+def write_files(folder, files):
+  for name, content in files.items():
+    with open(os.path.join(folder, name), 'wb') as f:
+      f.write(content if isinstance(content, bytes) else content.encode())
+
+
+def folder_contents(folder):
+  return {name: open(os.path.join(folder, name), 'rb').read() for name in sorted(os.listdir(folder))}
+
+
+# (pytest-benchmark owns the name `benchmark`)
+@pytest.mark.parametrize('name,files,message', MALFORMED, ids=[f'{case[0]}-{i}' for i, case in enumerate(MALFORMED)])
+def test_malformed_annotation_names_file_line_and_reason(tmp_path, name, files, message):
+  annotations, media, output = folders(tmp_path)
+  write_files(annotations, VALID[name])
+  earlier = CONVERTERS[name](annotations, media, output)  # the valid files convert
+  assert sum(split['annotations'] for split in earlier['splits'].values()) == 1
+  before = folder_contents(output)
+  write_files(annotations, files)
+  with pytest.raises(common.AnnotationError) as error:
+    CONVERTERS[name](annotations, media, output)
+  assert str(error.value) == message
+  assert error.value.path == os.path.join(annotations, message.split(',')[0].split(':')[0])
+  assert folder_contents(output) == before  # nothing written: no split of the bad file, no temporary file
+  # A first conversion stopped by the bad row leaves no output folder at all.
+  with pytest.raises(common.AnnotationError, match=re.escape(message)):
+    CONVERTERS[name](annotations, media, str(tmp_path / 'fresh'))
+  assert not os.path.exists(tmp_path / 'fresh')
+
+
+def test_deliberate_skips_stay_skips(tmp_path):
+  """Rows the official files hold and a converter does not take are counted, not errors."""
+  annotations, media, output = folders(tmp_path)
+  write_files(annotations, {'train.csv': NEXT_QA_CSV + NEXT_QA_ROW + NEXT_QA_ROW.replace(',2,6,', ',x,7,')})
+  assert CONVERTERS['next_qa'](annotations, media, output)['splits']['train']['skipped'] == {
+      'answer is not an option index': 1}
+  write_files(annotations, {'EPIC_Sounds_train.csv': EPIC_CSV + EPIC_ROW.replace('00:00:05.315', '00:00:01.000')})
+  assert CONVERTERS['epic_sounds'](annotations, media, output)['splits']['train']['skipped'] == {
+      'stop_timestamp not after start_timestamp': 1}
+  write_files(annotations, {'vggsound.csv': '# comment\n---g-f_I2yQ,1,people marching,train\nonly,three,fields\n'})
+  report = CONVERTERS['vggsound'](annotations, media, output)
+  assert report['splits']['train']['annotations'] == 1
+  assert ("1 lines of vggsound.csv without the 4 fields ytid,start,label,split left out (first: line 3, ['only', "
+          "'three', 'fields'])") in report['notes']
+
+
+def test_rows_are_numbered_as_an_editor_shows_them(tmp_path):
+  path = str(tmp_path / 'a.csv')
+  # A byte-order mark, a blank line, a quoted field over two lines, CRLF line ends; the header is line 1.
+  with open(path, 'wb') as f:
+    f.write(b'\xef\xbb\xbfid,text\r\n1,one\r\n\r\n2,"two\r\nlines"\r\n3,three\r\n')
+  rows = common.map_rows(path, lambda row: (row.location, row['id'], row.text('text')), required=('id',))
+  assert rows == [('line 2', '1', 'one'), ('line 4', '2', 'two\r\nlines'), ('line 6', '3', 'three')]
+  with pytest.raises(common.AnnotationError, match=r"^a\.csv, line 4: KeyError: 'x'$"):
+    common.map_rows(path, lambda row: {}['x'] if row['id'] == '2' else None)
+  with open(path, 'w') as f:
+    f.write('')
+  with pytest.raises(common.AnnotationError, match=r'^a\.csv: no header line \(expected the columns id\)$'):
+    common.map_rows(path, lambda row: row, required=('id',))
+
+
+def test_timestamps():
+  assert common.parse_timestamp('00:01:03.065') == 63.065 and common.parse_timestamp('01:02.5') == 62.5
+  assert common.parse_timestamp('7.25') == 7.25
+  for bad in ('1:xx', '', '-00:00:01', '1:2:3:4', 'nan', '00: 01:02'):
+    with pytest.raises(ValueError, match=re.escape(f"start_timestamp {bad!r} is not HH:MM:SS.fff")):
+      common.parse_timestamp(bad, 'start_timestamp')
+
+
+def test_command_line_bad_row(tmp_path):
+  annotations, media, output = folders(tmp_path)
+  write_files(annotations, {'EPIC_Sounds_train.csv': EPIC_CSV + EPIC_ROW + EPIC_ROW.replace('00:00:02.466', '1:xx')})
+  result = subprocess.run([sys.executable, '-m', 'mirasol_jax.data.converters', 'epic_sounds',
+                           f'--annotations={annotations}', f'--media={media}', f'--output={output}'],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1 and result.stdout == ''
+  assert result.stderr == ("error: epic_sounds: EPIC_Sounds_train.csv, line 3: start_timestamp '1:xx' is not "
+                           'HH:MM:SS.fff\n')
+  assert not os.path.exists(output)

@@ -2,8 +2,11 @@
 
   python -m mirasol_jax.data.converters BENCHMARK --annotations=DIR --media=DIR --output=DIR
 
-BENCHMARK is one of msrvtt_qa, activitynet_qa, next_qa, kinetics_sound, vggsound, epic_sounds. Exits with 1 (and
-the reason) when the annotation files are not there or not of the expected form; missing media is never an error.
+BENCHMARK is one of msrvtt_qa, activitynet_qa, next_qa, kinetics_sound, vggsound, epic_sounds. Exits with 1 and
+one line saying why, without a traceback, when the annotation files are not there, when a row of them is not of
+the expected form (the line names the file, the row's line or entry and what is wrong: `common.AnnotationError`;
+every file is read before any is written, so the output folder is left as it was), or when a file cannot be read
+or written. Missing media is never an error.
 """
 from __future__ import annotations
 
@@ -37,16 +40,8 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     report = CONVERTERS[args.benchmark](args.annotations, args.media, args.output)
-  except (FileNotFoundError, ValueError) as e:
+  except (OSError, ValueError) as e:  # missing or unreadable files, common.AnnotationError, a full disk
     print(f'error: {args.benchmark}: {e}', file=sys.stderr)
-    return 1
-  except KeyError as e:
-    print(f'error: {args.benchmark}: an annotation in {args.annotations} lacks the field {e}: not the official '
-          'format', file=sys.stderr)
-    return 1
-  except TypeError as e:  # an entry of another shape than the official files' (a list where a map belongs, ...)
-    print(f'error: {args.benchmark}: an annotation in {args.annotations} is not in the official format ({e})',
-          file=sys.stderr)
     return 1
   print(common.format_report(report))
   print(f'report: {os.path.join(report["output"], common.REPORT_FILE)}')

@@ -23,11 +23,30 @@ Splits: train -> train, val -> validation, test -> test. Lines: `id` (the questi
 from __future__ import annotations
 
 import os
+from typing import Union
 
 from mirasol_jax.data.converters import common
 
 FILES = {'train': 'train_q.json', 'validation': 'val_q.json', 'test': 'test_q.json'}
 KINDS = ('motion', 'spatial', 'temporal', 'yes_no', 'color', 'object', 'location', 'number', 'other')
+
+
+def _answer(entry: common.Row) -> tuple[str, dict]:
+  """(question id, the fields it gives: answer, kind) of an entry of `*_a.json`."""
+  kind = entry.integer('type')
+  return entry.text('question_id', empty=False), dict(
+      answer=entry.text('answer'), kind=KINDS[kind] if 0 <= kind < len(KINDS) else str(kind))
+
+
+def _annotation(entry: common.Row, answers: dict) -> Union[common.Annotation, str]:
+  """The annotation of an entry of `*_q.json`, or why it is skipped."""
+  question_id, video = entry.text('question_id', empty=False), entry.text('video_name', empty=False)
+  fields = dict(question=entry.text('question'))
+  if question_id in answers:
+    fields.update(answers[question_id])
+  elif answers:
+    return 'no answer for the question id'
+  return common.Annotation(id=question_id, candidates=[(f'v_{video}', {}), (video, {})], fields=fields)
 
 
 def convert(annotations: str, media: str, output: str) -> dict:
@@ -38,22 +57,10 @@ def convert(annotations: str, media: str, output: str) -> dict:
     answers_path = os.path.join(annotations, f'{name}_a.json')
     answers = {}
     if os.path.exists(answers_path):
-      answers = {entry['question_id']: entry for entry in common.read_json(answers_path)}
+      answers = dict(common.map_entries(answers_path, _answer))
     else:
       notes.append(f'{name}_a.json not found: {split} written without answers')
-    for entry in common.read_json(questions_path):
-      fields = dict(question=entry['question'])
-      answer = answers.get(entry['question_id'])
-      if answer is not None:
-        fields['answer'] = str(answer['answer'])
-        kind = int(answer['type'])
-        fields['kind'] = KINDS[kind] if 0 <= kind < len(KINDS) else str(kind)
-      elif answers:
-        result.skipped['no answer for the question id'] += 1
-        continue
-      video = entry['video_name']
-      result.annotations.append(common.Annotation(
-          id=entry['question_id'], candidates=[(f'v_{video}', {}), (video, {})], fields=fields))
+    result.add(common.map_entries(questions_path, lambda entry: _annotation(entry, answers)))
   if not splits:
     raise FileNotFoundError(f'no {{train,val,test}}_q.json in {annotations!r} (MILVLG/activitynet-qa dataset/)')
   return common.write_dataset('activitynet_qa', splits, media, output, notes=notes)

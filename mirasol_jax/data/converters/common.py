@@ -14,15 +14,38 @@ project (train / validation / test), and hands them to `write_dataset`, which
 
 Every file is written atomically (a temporary file renamed into place), so an interrupted run never leaves a
 half-written split behind.
+
+Reading the annotation files. Converters read every row through `map_rows` / `map_entries`: these hand each CSV
+row or JSON entry to the converter's function and turn whatever goes wrong there (a KeyError, ValueError, TypeError
+or IndexError) into one `AnnotationError` that names the file, the row's line as an editor numbers it (the header
+is line 1) or the entry (its index in a JSON list, its key in a JSON object) and what is wrong, e.g. "train.csv,
+line 17: class_id 'abc' is not a whole number". On a file of 200,000 lines that is the difference between fixing
+the line and guessing. Rows are `Row`s: a missing column names the columns there are,
+and `text`, `integer`, `number` and `timestamp` read a value with a message naming the column and the value. Every
+file is read before anything is written, so a conversion stopped by a bad row leaves the output folder as it was.
+
+What stops a conversion and what does not: a file that is not the expected one (a required column missing from the
+header, JSON of another shape, text that is not UTF-8 or not CSV), a row with fewer fields than the header (or more
+that are not empty), an identifier that is empty, a value the converter reads that is not of its form (a timestamp,
+a number, a class index, JSON text that is null or a list) stop it with an `AnnotationError`: each means a damaged
+file or another version of the dataset, and writing the rest would silently change the benchmark. Rows the official
+files legitimately hold and the converter does not take (another class, no label, an answer that is not an option
+index, a segment that ends before it starts, a duplicate id) are skipped and counted in the report, as before;
+missing media is counted too, never fatal.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import dataclasses
 import json
+import math
 import os
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+import re
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
+
+T = TypeVar('T')
 
 SPLITS = ('train', 'validation', 'test')
 # Extensions looked for, in order of preference when one name has several files (compared in lower case).
@@ -30,6 +53,78 @@ VIDEO_EXTENSIONS = ('.mp4', '.mkv', '.webm', '.mov', '.m4v', '.avi', '.flv', '.m
 NUM_EXAMPLES = 5  # missing ids kept in the report per split
 REPORT_FILE = 'conversion_report.json'
 CLASSES_FILE = 'classes.txt'
+SHOWN_CHARACTERS = 60  # of a bad value, in a message
+
+
+class AnnotationError(ValueError):
+  """A row or entry of an annotation file that cannot be converted.
+
+  The message is `FILE, line N: reason` (CSV: the line as an editor numbers it, the header being line 1), `FILE,
+  entry [I]: reason` (the index in a JSON list, from 0), `FILE, entry 'KEY': reason` (a JSON object's key) or
+  `FILE: reason` (the whole file). `path` is the file's full path, `location` the `line N` / `entry ...` part (None
+  for the whole file) and `reason` what is wrong.
+  """
+
+  def __init__(self, path: str, location: Optional[str], reason: str):
+    self.path, self.location, self.reason = path, location, reason
+    super().__init__(f'{os.path.basename(path)}{f", {location}" if location else ""}: {reason}')
+
+  def __reduce__(self):  # picklable although __init__ takes three arguments
+    return type(self), (self.path, self.location, self.reason)
+
+
+class MissingKey(KeyError):
+  """A column or field a row lacks; its message lists those the row has."""
+
+  def __str__(self) -> str:
+    return self.args[0]
+
+
+def show(value: Any) -> str:
+  """A value read from an annotation file, short, as it is written there (JSON's null, true, [...] for JSON)."""
+  text = repr(value) if isinstance(value, str) else json.dumps(value, default=repr)
+  return text if len(text) <= SHOWN_CHARACTERS else text[:SHOWN_CHARACTERS - 3] + '...'
+
+
+def parse_integer(value: Any, name: str) -> int:
+  """A whole number from CSV text or a JSON number; ValueError naming `name` and the value otherwise."""
+  if isinstance(value, int) and not isinstance(value, bool):
+    return value
+  if isinstance(value, float) and value.is_integer():
+    return int(value)
+  if isinstance(value, str):
+    try:
+      return int(value.strip())
+    except ValueError:
+      pass
+  raise ValueError(f'{name} {show(value)} is not a whole number')
+
+
+def parse_number(value: Any, name: str) -> float:
+  """A finite number from CSV text or a JSON number; ValueError naming `name` and the value otherwise."""
+  number = None
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    number = float(value)
+  elif isinstance(value, str):
+    try:
+      number = float(value.strip())
+    except ValueError:
+      pass
+  if number is None or not math.isfinite(number):
+    raise ValueError(f'{name} {show(value)} is not a number')
+  return number
+
+
+def parse_timestamp(text: Any, name: str = 'timestamp') -> float:
+  """'HH:MM:SS.fff' (or 'MM:SS.fff', or seconds) -> seconds; ValueError naming `name` and the text otherwise."""
+  parts = text.strip().split(':') if isinstance(text, str) else []
+  if not (1 <= len(parts) <= 3 and all(re.fullmatch(r'\d+', part) for part in parts[:-1])
+          and re.fullmatch(r'\d+(\.\d*)?', parts[-1])):
+    raise ValueError(f'{name} {show(text)} is not HH:MM:SS.fff')
+  seconds = 0.0
+  for part in parts:
+    seconds = seconds * 60 + float(part)
+  return round(seconds, 3)
 
 
 @dataclasses.dataclass
@@ -53,6 +148,57 @@ class Split:
   """The annotations of one split, and how many official annotations were not taken, by reason."""
   annotations: list[Annotation] = dataclasses.field(default_factory=list)
   skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  def add(self, items: Iterable[Union[Annotation, str]]) -> None:
+    """Takes the annotations of `items`; a string is the reason an official annotation was not taken, counted."""
+    for item in items:
+      if isinstance(item, str):
+        self.skipped[item] += 1
+      else:
+        self.annotations.append(item)
+
+
+class Row(dict):
+  """One CSV row by column name, or one JSON object by field name, that knows where it was read (`location`).
+
+  A key it lacks raises `MissingKey` naming the key and those it has ("no column 'video' (columns: ...)"); the
+  accessors below read a value of a given form, or raise a ValueError naming the key and the value.
+  """
+
+  def __init__(self, values: Mapping[str, Any], location: str, noun: str = 'column'):
+    super().__init__(values)
+    self.location, self.noun = location, noun  # noun: 'column' (CSV) or 'field' (JSON)
+
+  def __missing__(self, key):
+    raise MissingKey(f'no {self.noun} {key!r} ({self.noun}s: {", ".join(map(str, self)) or "none"})')
+
+  def text(self, key: str, empty: bool = True) -> str:
+    """The value as text: a string, or a JSON number (ids are numbers in some releases). `empty=False` refuses an
+    empty or blank one (for ids and media names)."""
+    value = self[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+      raise ValueError(f'{key} is {show(value)}, not text')
+    value = str(value)
+    if not empty and not value.strip():
+      raise ValueError(f'{key} is empty')
+    return value
+
+  def integer(self, key: str) -> int:
+    return parse_integer(self[key], key)
+
+  def number(self, key: str) -> float:
+    return parse_number(self[key], key)
+
+  def timestamp(self, key: str) -> float:
+    return parse_timestamp(self[key], key)
+
+
+class Fields(list):
+  """The fields of one row of a CSV file without a header, and where it was read (`location`)."""
+
+  def __init__(self, values: Iterable[str], location: str):
+    super().__init__(values)
+    self.location = location
 
 
 class MediaIndex:
@@ -108,15 +254,117 @@ def present_splits(annotations: str, files: Mapping[str, Union[str, Sequence[str
     yield split, path, splits[split]
 
 
-def read_csv(path: str, header: bool = True) -> list:
-  """Rows of a CSV file: dicts by column name (`header`) or lists."""
-  with open(path, newline='', encoding='utf-8') as f:
-    return list(csv.DictReader(f) if header else csv.reader(f))
+def _map_located(path: str, items: Iterable[tuple[str, tuple]], handle: Callable[..., T]) -> list[T]:
+  """handle(*args) for each (location, args) of `items`; a KeyError, ValueError, TypeError or IndexError it raises
+  becomes an `AnnotationError` naming `path` and the location (one that is already one passes unchanged)."""
+  results = []
+  for location, args in items:
+    try:
+      results.append(handle(*args))
+    except AnnotationError:
+      raise
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+      reason = str(e) if isinstance(e, (ValueError, MissingKey)) else f'{type(e).__name__}: {e}'
+      raise AnnotationError(path, location, reason) from e
+  return results
+
+
+def map_rows(path: str, handle: Callable[[Any], T], header: bool = True, required: Sequence[str] = ()) -> list[T]:
+  """`handle` applied to each row of a CSV file, in order; what goes wrong names the file and the row's line.
+
+  Args:
+    path: the CSV file (UTF-8, with or without a byte-order mark).
+    handle: takes a `Row` by column name (`header`) or the row's `Fields` (no header); blank lines are passed over.
+    header: whether the first line names the columns. A row with fewer fields than the header, or more that are
+      not empty, is an error.
+    required: columns the header must have (else an error on line 1, before any row is read: the wrong file or
+      version); a file without a header line is then an error too.
+  """
+  return _map_located(path, ((row.location, (row,)) for row in _csv_rows(path, header, required)), handle)
+
+
+def map_entries(path: str, handle: Callable[..., T], container: type = list) -> list[T]:
+  """`handle` applied to each entry of a JSON file, in order; what goes wrong names the file and the entry.
+
+  `container` list: the file must hold a list of objects; `handle(entry)` gets each as a `Row` by field name.
+  `container` dict: the file must hold an object; `handle(key, value)` gets each member, an object value as a `Row`.
+  """
+  data = read_json(path)
+  if not isinstance(data, container):
+    raise AnnotationError(path, None, f'a JSON {"list" if container is list else "object"} expected, the file holds '
+                                      f'{show(data)}')
+  return _map_located(path, _list_entries(path, data) if container is list else _members(data), handle)
+
+
+def _list_entries(path: str, data: list) -> Iterator[tuple[str, tuple[Row]]]:
+  for i, entry in enumerate(data):
+    location = f'entry [{i}]'
+    if not isinstance(entry, dict):
+      raise AnnotationError(path, location, f'a JSON object expected, found {show(entry)}')
+    yield location, (Row(entry, location, 'field'),)
+
+
+def _members(data: dict) -> Iterator[tuple[str, tuple[str, Any]]]:
+  for key, value in data.items():
+    location = f'entry {key!r}'
+    yield location, (key, Row(value, location, 'field') if isinstance(value, dict) else value)
+
+
+def _csv_rows(path: str, header: bool, required: Sequence[str]) -> Iterator[Union[Row, Fields]]:
+  try:
+    with open(path, newline='', encoding='utf-8-sig') as f:
+      reader, columns, header_location = csv.reader(f), None, None
+      while True:
+        location = f'line {reader.line_num + 1}'  # where the next row starts (the reader counts lines consumed)
+        try:
+          fields = next(reader)
+        except StopIteration:
+          break
+        except csv.Error as e:
+          raise AnnotationError(path, location, f'not CSV ({e})') from None
+        if not fields:
+          continue
+        if not header:
+          yield Fields(fields, location)
+        elif columns is None:
+          columns, header_location = fields, location
+          missing = [name for name in required if name not in columns]
+          if missing:
+            raise AnnotationError(path, location, f'no column{"s" * (len(missing) > 1)} '
+                                                  f'{", ".join(map(repr, missing))} (columns: {", ".join(columns)})')
+        elif len(fields) != len(columns) and (len(fields) < len(columns) or
+                                              any(value.strip() for value in fields[len(columns):])):
+          raise AnnotationError(path, location, f'{len(fields)} fields, the header ({header_location}) has '
+                                                f'{len(columns)}')
+        else:
+          yield Row(zip(columns, fields), location)
+  except UnicodeDecodeError:
+    raise AnnotationError(path, _undecodable(path), 'not UTF-8 text') from None
+  if header and required and columns is None:
+    raise AnnotationError(path, None, f'no header line (expected the columns {", ".join(required)})')
+
+
+def _undecodable(path: str) -> Optional[str]:
+  """The line of the first byte of `path` that is not UTF-8."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  try:
+    data.decode('utf-8')
+  except UnicodeDecodeError as e:
+    lines_before = data.count(b'\n', 0, e.start)
+    return f'line {lines_before + 1}'
+  return None
 
 
 def read_json(path: str) -> Any:
-  with open(path, encoding='utf-8') as f:
-    return json.load(f)
+  """The content of a JSON file; an `AnnotationError` naming the line and column where it is not JSON."""
+  try:
+    with open(path, encoding='utf-8-sig') as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise AnnotationError(path, f'line {e.lineno} column {e.colno}', f'not JSON ({e.msg})') from None
+  except UnicodeDecodeError:
+    raise AnnotationError(path, _undecodable(path), 'not UTF-8 text') from None
 
 
 def first_existing(folder: str, names: Iterable[str]) -> Optional[str]:
@@ -128,10 +376,16 @@ def first_existing(folder: str, names: Iterable[str]) -> Optional[str]:
 
 
 def atomic_write(path: str, text: str) -> None:
+  """Writes `path` whole or not at all (a failed write, a full disk, removes its temporary file)."""
   temporary = f'{path}.tmp-{os.getpid()}'
-  with open(temporary, 'w', encoding='utf-8') as f:
-    f.write(text)
-  os.replace(temporary, path)
+  try:
+    with open(temporary, 'w', encoding='utf-8') as f:
+      f.write(text)
+    os.replace(temporary, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(temporary)
+    raise
 
 
 def write_dataset(benchmark: str, splits: Mapping[str, Split], media_root: str, output: str,
@@ -203,11 +457,3 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines.append(f'{report["num_classes"]} classes in {CLASSES_FILE}')
   lines += [f'note: {note}' for note in report['notes']]
   return '\n'.join(lines)
-
-
-def parse_timestamp(text: str) -> float:
-  """'HH:MM:SS.fff' (or 'MM:SS.fff', or seconds) -> seconds."""
-  seconds = 0.0
-  for part in text.strip().split(':'):
-    seconds = seconds * 60 + float(part)
-  return round(seconds, 3)

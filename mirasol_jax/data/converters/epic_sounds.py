@@ -12,7 +12,9 @@ whose README documents their columns:
 
 The class list (`CLASSES`, index = `class_id`) is the set of (class_id, class) pairs of EPIC_Sounds_validation.csv
 in that repository, where all 44 occur; annotations whose pair disagrees with it stop the conversion (they would be
-from another version of the dataset).
+from another version of the dataset), and so does a train or validation row whose class_id is empty or not a whole
+number, or a timestamp not of the form above (the error names the file and the line). A segment whose stop is not
+after its start is skipped and counted.
 
 Media: the EPIC-KITCHENS-100 videos, `{video_id}.*` in any folder under the media root (the download scripts write
 `P01/videos/P01_11.MP4`; the extension's case does not matter). Each line is a segment: start / end in seconds.
@@ -22,7 +24,7 @@ Splits: train -> train, validation -> validation, recognition test -> test. Line
 """
 from __future__ import annotations
 
-import os
+from typing import Union
 
 from mirasol_jax.data.converters import common
 
@@ -40,27 +42,32 @@ CLASSES = (
 )
 FILES = {'train': 'EPIC_Sounds_train.csv', 'validation': 'EPIC_Sounds_validation.csv',
          'test': 'EPIC_Sounds_recognition_test_timestamps.csv'}
+COLUMNS = ('annotation_id', 'video_id', 'start_timestamp', 'stop_timestamp')  # those read
+LABEL_COLUMNS = ('class', 'class_id')  # read too, in the train and validation files
+
+
+def _annotation(row: common.Row) -> Union[common.Annotation, str]:
+  """The annotation of a row, or why it is skipped."""
+  annotation_id, video = row.text('annotation_id', empty=False), row.text('video_id', empty=False)
+  start, end = row.timestamp('start_timestamp'), row.timestamp('stop_timestamp')
+  fields = {}
+  if 'class_id' in row:  # the train and validation files (required there); the test file has no labels
+    label_index, label = row.integer('class_id'), row['class']
+    if not 0 <= label_index < len(CLASSES) or CLASSES[label_index] != label:
+      official = CLASSES[label_index] if 0 <= label_index < len(CLASSES) else 'no such id'
+      raise ValueError(f'{annotation_id} has class_id {label_index} = {label!r}, the official list has {official!r}')
+    fields = dict(label=label, label_index=label_index)
+  if end <= start:
+    return 'stop_timestamp not after start_timestamp'
+  return common.Annotation(id=annotation_id, candidates=[(video, dict(start=start, end=end))], fields=fields)
 
 
 def convert(annotations: str, media: str, output: str) -> dict:
   """Converts EPIC-SOUNDS (audio-based interaction recognition); see the module docstring. Returns the report."""
   splits, notes = {}, []
   for split, path, result in common.present_splits(annotations, FILES, splits, notes):
-    for row in common.read_csv(path):
-      start, end = common.parse_timestamp(row['start_timestamp']), common.parse_timestamp(row['stop_timestamp'])
-      if end <= start:
-        result.skipped['stop_timestamp not after start_timestamp'] += 1
-        continue
-      fields = {}
-      if row.get('class_id') not in (None, ''):
-        label_index, label = int(row['class_id']), row['class']
-        if not 0 <= label_index < len(CLASSES) or CLASSES[label_index] != label:
-          official = CLASSES[label_index] if 0 <= label_index < len(CLASSES) else 'no such id'
-          raise ValueError(f'{os.path.basename(path)}: {row["annotation_id"]} has class_id {label_index} = '
-                           f'{label!r}, the official list has {official!r}')
-        fields = dict(label=label, label_index=label_index)
-      result.annotations.append(common.Annotation(
-          id=row['annotation_id'], candidates=[(row['video_id'], dict(start=start, end=end))], fields=fields))
+    required = COLUMNS + (LABEL_COLUMNS if split != 'test' else ())
+    result.add(common.map_rows(path, _annotation, required=required))
   if not splits:
     raise FileNotFoundError(f'none of {sorted(FILES.values())} in {annotations!r} '
                             '(epic-kitchens/epic-sounds-annotations)')

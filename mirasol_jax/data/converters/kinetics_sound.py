@@ -34,6 +34,8 @@ holds the 31 names in index order.
 """
 from __future__ import annotations
 
+from typing import Union
+
 from mirasol_jax.data.converters import common
 
 CLASSES = (
@@ -44,6 +46,21 @@ CLASSES = (
     'playing piano', 'playing saxophone', 'playing trombone', 'playing trumpet', 'playing violin', 'playing xylophone',
 )
 FILES = {'train': ('train.csv',), 'validation': ('validate.csv', 'val.csv'), 'test': ('test.csv',)}
+COLUMNS = ('youtube_id', 'time_start', 'time_end')  # required; `label` may be absent (the first test.csv)
+
+
+def _annotation(row: common.Row, index: dict) -> Union[common.Annotation, str]:
+  """The annotation of a row, or why it is skipped."""
+  label = (row.get('label') or '').strip().strip('"')
+  youtube_id = row.text('youtube_id', empty=False)
+  start, end = row.number('time_start'), row.number('time_end')
+  if not label:
+    return 'no label'
+  if label not in index:
+    return 'not a Kinetics-Sound class'
+  clip = f'{youtube_id}_{int(start):06d}_{int(end):06d}'
+  return common.Annotation(id=clip, candidates=[(clip, {}), (youtube_id, dict(start=start, end=end))],
+                           fields=dict(label=label, label_index=index[label]))
 
 
 def convert(annotations: str, media: str, output: str) -> dict:
@@ -52,19 +69,7 @@ def convert(annotations: str, media: str, output: str) -> dict:
   splits, notes = {}, [f'{len(CLASSES)} Kinetics-400 classes (Look, Listen and Learn, without typing, fingerpicking, '
                        'patting)']
   for split, path, result in common.present_splits(annotations, FILES, splits, notes):
-    for row in common.read_csv(path):
-      label = (row.get('label') or '').strip().strip('"')
-      if not label:
-        result.skipped['no label'] += 1
-        continue
-      if label not in index:
-        result.skipped['not a Kinetics-Sound class'] += 1
-        continue
-      start, end = float(row['time_start']), float(row['time_end'])
-      clip = f'{row["youtube_id"]}_{int(start):06d}_{int(end):06d}'
-      result.annotations.append(common.Annotation(
-          id=clip, candidates=[(clip, {}), (row['youtube_id'], dict(start=start, end=end))],
-          fields=dict(label=label, label_index=index[label])))
+    result.add(common.map_rows(path, lambda row: _annotation(row, index), required=COLUMNS))
   if not splits:
     raise FileNotFoundError(f'no train.csv / validate.csv / val.csv / test.csv in {annotations!r} (Kinetics-400 '
                             'annotations)')

@@ -16,22 +16,24 @@ Splits: train_qa.json -> train, val_qa.json -> validation, test_qa.json -> test.
 """
 from __future__ import annotations
 
-
 from mirasol_jax.data.converters import common
 
 FILES = {'train': 'train_qa.json', 'validation': 'val_qa.json', 'test': 'test_qa.json'}
+
+
+def _annotation(entry: common.Row) -> common.Annotation:
+  fields = dict(question=entry.text('question'), answer=entry.text('answer'))
+  if entry.get('category_id') is not None:
+    fields['kind'] = entry.text('category_id')
+  return common.Annotation(id=entry.text('id', empty=False),
+                           candidates=[(f'video{entry.text("video_id", empty=False)}', {})], fields=fields)
 
 
 def convert(annotations: str, media: str, output: str) -> dict:
   """Converts MSRVTT-QA; see the module docstring. Returns the report."""
   splits, notes = {}, []
   for split, path, result in common.present_splits(annotations, FILES, splits, notes):
-    for entry in common.read_json(path):
-      fields = dict(question=entry['question'], answer=str(entry['answer']))
-      if entry.get('category_id') is not None:
-        fields['kind'] = str(entry['category_id'])
-      result.annotations.append(common.Annotation(
-          id=str(entry['id']), candidates=[(f'video{entry["video_id"]}', {})], fields=fields))
+    result.add(common.map_entries(path, _annotation))
   if not splits:
     raise FileNotFoundError(f'none of {sorted(FILES.values())} in {annotations!r} (the MSRVTT-QA release)')
   return common.write_dataset('msrvtt_qa', splits, media, output, notes=notes)

@@ -23,11 +23,13 @@ Splits: train.csv -> train, val.csv -> validation, test.csv -> test. Lines: `id`
 from __future__ import annotations
 
 import os
+from typing import Union
 
 from mirasol_jax.data.converters import common
 
 FILES = {'train': 'train.csv', 'validation': 'val.csv', 'test': 'test.csv'}
 MAP_FILE = 'map_vid_vidorID.json'
+COLUMNS = ('video', 'question', 'answer', 'qid', 'type', 'a0', 'a1', 'a2', 'a3', 'a4')  # those read
 
 
 def _option_columns(row: dict) -> list[str]:
@@ -35,26 +37,37 @@ def _option_columns(row: dict) -> list[str]:
   return sorted((c for c in row if c and c[0] == 'a' and c[1:].isdigit()), key=lambda c: int(c[1:]))
 
 
+def _vidor_path(video: str, path: object) -> tuple[str, str]:
+  """A member of map_vid_vidorID.json: video id -> VidOR path without extension."""
+  if not isinstance(path, str) or not path.strip():
+    raise ValueError(f'the VidOR path is {common.show(path)}, not a path')
+  return video, path
+
+
+def _annotation(row: common.Row, vidor: dict) -> Union[common.Annotation, str]:
+  """The annotation of a row, or why it is skipped."""
+  video, options = row.text('video', empty=False), [row[c] for c in _option_columns(row)]
+  qid = row.text('qid', empty=False)
+  try:
+    index = int(row['answer'])
+  except ValueError:
+    index = -1
+  if not 0 <= index < len(options):
+    return 'answer is not an option index'
+  candidates = [(vidor[video], {})] if video in vidor else []
+  return common.Annotation(
+      id=f'{video}_{qid}', candidates=candidates + [(video, {})],
+      fields=dict(question=row['question'], options=options, answer=options[index], answer_index=index,
+                  kind=row['type']))
+
+
 def convert(annotations: str, media: str, output: str) -> dict:
   """Converts NExT-QA (multiple choice); see the module docstring. Returns the report."""
   map_path = os.path.join(annotations, MAP_FILE)
-  vidor = common.read_json(map_path) if os.path.exists(map_path) else {}
+  vidor = dict(common.map_entries(map_path, _vidor_path, container=dict)) if os.path.exists(map_path) else {}
   splits, notes = {}, [] if vidor else [f'{MAP_FILE} not found: videos found by id alone']
   for split, path, result in common.present_splits(annotations, FILES, splits, notes):
-    for row in common.read_csv(path):
-      video, options = row['video'], [row[c] for c in _option_columns(row)]
-      try:
-        index = int(row['answer'])
-      except ValueError:
-        index = -1
-      if not 0 <= index < len(options):
-        result.skipped['answer is not an option index'] += 1
-        continue
-      candidates = [(vidor[video], {})] if video in vidor else []
-      result.annotations.append(common.Annotation(
-          id=f'{video}_{row["qid"]}', candidates=candidates + [(video, {})],
-          fields=dict(question=row['question'], options=options, answer=options[index], answer_index=index,
-                      kind=row['type'])))
+    result.add(common.map_rows(path, lambda row: _annotation(row, vidor), required=COLUMNS))
   if not splits:
     raise FileNotFoundError(f'none of {sorted(FILES.values())} in {annotations!r} (doc-doc/NExT-QA nextqa.zip)')
   return common.write_dataset('next_qa', splits, media, output, notes=notes)

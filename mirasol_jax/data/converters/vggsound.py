@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import os
+from typing import Union
 
 from mirasol_jax.data.converters import common
 
@@ -32,34 +33,47 @@ CLIP_SECONDS = 10.0
 SPLITS = {'train': 'train', 'test': 'test'}
 
 
+def _clip(row: common.Fields) -> Union[tuple[str, float, str, str], common.Fields, None]:
+  """(YouTube id, start seconds, label, split) of a line; the line itself when it has not the 4 fields (left out
+  with a note); None for a comment."""
+  if row[0].startswith('#'):
+    return None
+  if len(row) != 4:
+    return row
+  youtube_id, start, label, split = row
+  if not youtube_id.strip():
+    raise ValueError('the YouTube id (field 1) is empty')
+  return youtube_id, common.parse_number(start, 'start seconds (field 2)'), label, split.strip()
+
+
 def convert(annotations: str, media: str, output: str) -> dict:
   """Converts VGG-Sound; see the module docstring. Returns the report."""
   path = os.path.join(annotations, ANNOTATION_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f'{ANNOTATION_FILE} not in {annotations!r} (hche11/VGGSound data/vggsound.csv)')
-  rows = [row for row in common.read_csv(path, header=False) if row and not row[0].startswith('#')]
+  rows = [row for row in common.map_rows(path, _clip, header=False) if row is not None]
+  clips = [row for row in rows if isinstance(row, tuple)]
   stat = os.path.join(annotations, CLASS_FILE)
   if os.path.exists(stat):
-    classes = sorted({row[0] for row in common.read_csv(stat, header=False) if row})
+    classes = sorted(set(common.map_rows(stat, lambda row: row[0], header=False)))
     notes = [f'classes from {CLASS_FILE}, sorted by name']
   else:
-    classes = sorted({row[2] for row in rows if len(row) == 4})
+    classes = sorted({label for _, _, label, _ in clips})
     notes = [f'{CLASS_FILE} not found: classes are the labels of {ANNOTATION_FILE}, sorted by name']
   index = {name: i for i, name in enumerate(classes)}
   splits, unknown = {}, collections.Counter()
-  malformed = [row for row in rows if len(row) != 4]
+  malformed = [row for row in rows if not isinstance(row, tuple)]
   if malformed:
     notes.append(f'{len(malformed)} lines of {ANNOTATION_FILE} without the 4 fields ytid,start,label,split left out '
-                 f'(first: {malformed[0]!r})')
-  for youtube_id, start, label, split in (row for row in rows if len(row) == 4):
-    if split.strip() not in SPLITS:
-      unknown[split.strip()] += 1
+                 f'(first: {malformed[0].location}, {list(malformed[0])!r})')
+  for youtube_id, seconds, label, split in clips:
+    if split not in SPLITS:
+      unknown[split] += 1
       continue
-    result = splits.setdefault(SPLITS[split.strip()], common.Split())
+    result = splits.setdefault(SPLITS[split], common.Split())
     if label not in index:
       result.skipped[f'label not in {CLASS_FILE}'] += 1
       continue
-    seconds = float(start)
     clip = f'{youtube_id}_{int(seconds):06d}'
     result.annotations.append(common.Annotation(
         id=clip, candidates=[(clip, {}), (youtube_id, dict(start=seconds, end=seconds + CLIP_SECONDS))],
