@@ -73,6 +73,7 @@ from mirasol_jax.data import media
 from mirasol_jax.data import pipeline
 from mirasol_jax.data import tasks as tasks_lib
 from mirasol_jax.data import tokenizer as tokenizer_lib
+from mirasol_jax.evaluators import scoring
 from mirasol_jax.models import mirasol
 
 Array = jax.Array
@@ -206,9 +207,7 @@ def restore_params(config, workdir: str, step: Optional[int] = None) -> tuple[in
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                           sharding.box_values(boxed))
   try:
-    if step is not None:
-      return step, checkpoint.restore_params(workdir, step, abstract)
-    return checkpoint.newest_params(workdir, abstract)
+    return checkpoint.params_at(workdir, step, abstract)
   except (FileNotFoundError, checkpoint.MismatchError) as e:
     raise AnswerError(str(e)) from None
 
@@ -637,11 +636,9 @@ def generated_log_probs(model, variables, latents: Array, text_tokens: Array, te
   rows = jnp.arange(batch)[:, None]
   tokens = decoding.prompt_only(text_tokens, prompt_len).at[rows, positions].set(
       jnp.where(emitted, generated, tokenizer_lib.PAD_ID), mode='drop')
-  logits = model.apply(variables, tokens, latents.reshape(batch, -1, latents.shape[-1]),
-                       method=mirasol.Model.text_logits)
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  before = jnp.clip(positions - 1, 0, length - 1)  # the logits at position p - 1 predict the token at p
-  picked = jnp.take_along_axis(log_probs[rows, before], generated[..., None], axis=-1)[..., 0]
+  # [B, L - 1]: entry p - 1 is the log-probability of the token at p (the candidates' scoring, K = 1 text each).
+  log_probs = scoring.token_log_probs(model, variables, latents, tokens[:, None])[:, 0]
+  picked = jnp.take_along_axis(log_probs, jnp.clip(positions - 1, 0, length - 2), axis=1)
   return jnp.where(emitted, picked, 0.0), emitted
 
 

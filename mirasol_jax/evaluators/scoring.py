@@ -59,17 +59,29 @@ def candidate_tokens(tokens: Array, prompt_len: Array, candidates: Array, length
   return out.astype(jnp.int32), mask
 
 
+def _candidate_logits(model: mirasol.Model, tokens: Array, latents: Array) -> Array:
+  return model.text_decoder.candidate_logits(tokens, latents)
+
+
+def token_log_probs(model, variables, latents: Array, tokens: Array) -> Array:
+  """latents [B, T, m, D] or [B, T*m, D]; tokens [B, K, L] (K texts per example) -> [B, K, L - 1] float32, the
+  log-probability of each token after the first, teacher-forced over its example's latents.
+
+  Through TextDecoder.candidate_logits: the decoder's cross-attention projects each example's latents once for its
+  K texts, rather than K times from latents repeated K times (the same numbers, to rounding)."""
+  batch = tokens.shape[0]
+  latents = latents.reshape(batch, -1, latents.shape[-1])
+  logits = model.apply(variables, tokens, latents, method=_candidate_logits)
+  log_probs = jax.nn.log_softmax(logits[:, :, :-1].astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(log_probs, tokens[:, :, 1:, None], axis=-1)[..., 0]
+
+
 def log_likelihoods(model, variables, latents: Array, tokens: Array, mask: Array, length_normalize: bool) -> Array:
   """latents [B, T, m, D] or [B, T*m, D]; tokens, mask [B, K, L] -> [B, K] log-probability of the masked tokens
   (their mean with length_normalize); -inf for a candidate with no tokens."""
-  batch, k, length = tokens.shape
-  latents = latents.reshape(batch, -1, latents.shape[-1])
-  repeated = jnp.repeat(latents, k, axis=0)  # example b's K candidates at rows b*K .. b*K + K - 1
-  logits = model.apply(variables, tokens.reshape(batch * k, length), repeated, method=mirasol.Model.text_logits)
-  log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  picked = jnp.take_along_axis(log_probs, tokens.reshape(batch * k, length)[:, 1:, None], axis=-1)[..., 0]
-  weights = mask.reshape(batch * k, length)[:, 1:].astype(jnp.float32)
+  picked = token_log_probs(model, variables, latents, tokens)
+  weights = mask[:, :, 1:].astype(jnp.float32)
   total = jnp.sum(picked * weights, axis=-1)
   count = jnp.sum(weights, axis=-1)
   score = total / jnp.maximum(count, 1.0) if length_normalize else total
-  return jnp.where(count > 0, score, -jnp.inf).reshape(batch, k)
+  return jnp.where(count > 0, score, -jnp.inf)

@@ -120,7 +120,7 @@ class Dense(nn.Dense):
     return y.reshape(*lead, y.shape[-1])
 
 
-def dense(features: int, names: tuple[str, str], dtype: Dtype, name: str, use_bias: bool = True,
+def dense(features: int, names: tuple[str, str], dtype: Dtype, name: Optional[str], use_bias: bool = True,
           kernel_init=nn.initializers.xavier_uniform()) -> Dense:
   return Dense(
       features, dtype=dtype, param_dtype=jnp.float32, use_bias=use_bias, name=name,
@@ -319,7 +319,8 @@ class Block(nn.Module):
   """Pre-LayerNorm Transformer layer: self-attention, optional cross-attention to a context, MLP.
 
   Full mode (cache None): x [B, S, D] attends under `self_mask` ([B|1, 1, S, S] bool), causally (`causal`), or
-  block-causally over chunks of `chunk_tokens` tokens (`block_causal_attention` in `query_groups` groups).
+  block-causally over chunks of `chunk_tokens` tokens (`block_causal_attention` in `query_groups` groups); a context
+  of B / G rows is shared by G consecutive rows of x each.
   Cached mode: x [B, s, D] holds s new positions written at `index` [B] into `cache['k'|'v']` [B, heads, C, hd];
   cross-attention keys and values are computed from `context` when it is given and stored in `cache['ck'|'cv']`,
   otherwise read from there, so they are computed once per sequence. Returns (x, new cache or None).
@@ -366,7 +367,17 @@ class Block(nn.Module):
     if self.cross_attention:
       y = layer_norm(self.dtype, 'ln_cross')(x)
       cross_attn = Attention(**attn_kw, name='cross_attn')
-      if cache is None:
+      if cache is None and x.shape[0] != context.shape[0]:
+        # Rows b*G .. b*G + G - 1 of x share row b of the context (TextDecoder.candidate_logits: G texts scored over
+        # one example's latents): their queries attend together, and the context's keys and values are projected
+        # once per example, not once per row.
+        groups, length = x.shape[0] // context.shape[0], x.shape[1]
+        if groups * context.shape[0] != x.shape[0] or (context_mask is not None and context_mask.shape[-2] != 1):
+          raise ValueError(f'{x.shape[0]} rows cannot share a context of {context.shape[0]} rows'
+                           + ('' if context_mask is None else f' under a context mask {context_mask.shape}'))
+        y = cross_attn(y.reshape(context.shape[0], groups * length, width), context, context_mask)
+        y = y.reshape(x.shape[0], length, width)
+      elif cache is None:
         y = cross_attn(y, context, context_mask)
       else:
         if context is not None:
