@@ -11,7 +11,6 @@ import pytest
 from conftest import COMBINERS, random_batch, tiny_config
 from mirasol_jax import decoding
 from mirasol_jax.models import av_transformer
-from mirasol_jax.models import combiners
 from mirasol_jax.models import mirasol
 
 
@@ -318,21 +317,3 @@ def test_unknown_context_norm_is_a_config_error():
   config.model.text.context_norm = 'batch'
   with pytest.raises(ValueError, match='context_norm'):
     mirasol.Model(**config.model).init(jax.random.PRNGKey(0), random_batch(config))
-
-
-def test_token_learner_pools_in_parts_as_at_once():
-  """The TTM Combiner pools each chunk's own tokens before its loop over chunks (TokenLearner.partial_pool) and adds
-  the memory's part inside it: the same pooled tokens as one softmax over all of them, invalid tokens weighing
-  nothing, also when every token of one part is invalid."""
-  learner = combiners.TokenLearner(num_tokens=3, hidden_dim=8)
-  x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 16))
-  valid = jnp.ones((2, 10), bool).at[0, 7:].set(False).at[1, 4:].set(False)
-  variables = learner.init(jax.random.PRNGKey(1), x, valid)
-  whole = learner.apply(variables, x, valid)
-  prior = learner.apply(variables, x[:, 4:], valid[:, 4:], method=combiners.TokenLearner.partial_pool)
-  np.testing.assert_allclose(learner.apply(variables, x[:, :4], valid[:, :4], prior), whole, rtol=1e-5, atol=1e-6)
-  # Example 1's second part is all invalid: it adds nothing.
-  np.testing.assert_allclose(learner.apply(variables, x[1:, :4], valid[1:, :4]), whole[1:], rtol=1e-5, atol=1e-6)
-  moved = x.at[0, 8:].add(50.0)
-  np.testing.assert_allclose(learner.apply(variables, moved, valid)[0], whole[0], rtol=1e-6)
-  assert not np.allclose(learner.apply(variables, x.at[0, 5].add(1.0), valid)[0], whole[0])
