@@ -61,12 +61,6 @@ TARGET = {'size': '3b', 'mfu': 0.40, 'devices': ('H100', 'H200')}
 GIB = 2**30
 
 
-def table_peak_flops(device_kind: str) -> Optional[float]:
-  """The dense bfloat16 peak FLOP/s of a device kind (metrics.PEAK_TFLOPS), None when it is not listed."""
-  from mirasol_jax import metrics
-  return metrics.table_peak_flops(device_kind)
-
-
 def load_config(size: str, frames: int, policy: str, batch: int, attention_impl: Optional[str] = None):
   """configs/pretrain.py for `size` (0 frames: the preset's), one device, `batch` examples, the remat policy, and
   the attention implementation (None: the preset's 'auto')."""
@@ -263,7 +257,8 @@ def peak_flops(info: dict[str, Any], override_tflops: float) -> tuple[float, str
   """The device's peak FLOP/s and where it comes from: --peak_tflops, PEAK_TFLOPS, or a matmul measured in a child."""
   if override_tflops:
     return override_tflops * 1e12, '--peak_tflops'
-  listed = table_peak_flops(info['device_kind'])
+  from mirasol_jax import metrics
+  listed = metrics.table_peak_flops(info['device_kind'])
   if listed:
     return listed, 'dense bf16, PEAK_TFLOPS'
   return info['measured_peak_flops'], info['measured_peak_source']
@@ -284,6 +279,7 @@ def _gib(x: Optional[float]) -> str:
 
 
 def run_size(size: str, args) -> dict[str, Any]:
+  from mirasol_jax import metrics
   first = load_config(size, args.frames, 'none', 1)
   flops_per_example = train_flops_per_example(first)
   c = first.model
@@ -302,7 +298,7 @@ def run_size(size: str, args) -> dict[str, Any]:
       print(f'{policy:<15}{p.get("error", "")}')
     return result
   info = infos[0]
-  if not args.peak_tflops and not table_peak_flops(info['device_kind']):
+  if not args.peak_tflops and not metrics.table_peak_flops(info['device_kind']):
     info.update(measure.spawn(__file__, 'peak', {}, args.timeout))
   peak, peak_source = peak_flops(info, args.peak_tflops)
   result.update(device_kind=info['device_kind'], platform=info['platform'], peak_flops=peak,

@@ -12,13 +12,14 @@ from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import accelerator  # noqa: E402
+from mirasol_jax import metrics  # noqa: E402
 
 
 @pytest.mark.parametrize('kind, tflops', [('NVIDIA H100 80GB HBM3', 989.0), ('NVIDIA H100 PCIe', 756.0),
                                           ('NVIDIA H200', 989.0), ('NVIDIA A100-SXM4-40GB', 312.0),
                                           ('TPU v5p', 459.0), ('cpu', None)])
 def test_peak_table_by_device_kind(kind, tflops):
-  peak = accelerator.table_peak_flops(kind)
+  peak = metrics.table_peak_flops(kind)
   assert (peak is None) if tflops is None else peak == tflops * 1e12
 
 
@@ -26,7 +27,6 @@ def test_device_peak_is_the_table_or_a_measured_matmul():
   """The trainer's MFU denominator: a listed device's bf16 peak, else a matmul measured on it (float32 on a CPU),
   never the 1024x1024 float32 matmul on an accelerator, which put an H100's MFU at 700%."""
   import jax
-  from mirasol_jax import metrics
   flops, source = metrics.device_peak_flops()
   device = jax.devices()[0]
   if metrics.table_peak_flops(device.device_kind):

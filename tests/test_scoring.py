@@ -91,7 +91,7 @@ def test_candidate_logits_equal_text_logits_with_the_context_norm_and_under_the_
   # Under a mesh and the logical axis rules, as the evaluators run it: the sharding constraints fit the shapes.
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(rule) for rule in sharding.DEFAULT_AXIS_RULES]):
-    logits = jax.jit(lambda v: model.apply(v, tokens, latents, method=scoring._candidate_logits))(variables)
+    logits = jax.jit(lambda v: model.apply(v, tokens, latents, method=mirasol.Model.candidate_logits))(variables)
   assert logits.shape == expected.shape
   np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 

@@ -59,10 +59,6 @@ def candidate_tokens(tokens: Array, prompt_len: Array, candidates: Array, length
   return out.astype(jnp.int32), mask
 
 
-def _candidate_logits(model: mirasol.Model, tokens: Array, latents: Array) -> Array:
-  return model.text_decoder.candidate_logits(tokens, latents)
-
-
 def token_log_probs(model, variables, latents: Array, tokens: Array) -> Array:
   """latents [B, T, m, D] or [B, T*m, D]; tokens [B, K, L] (K texts per example) -> [B, K, L - 1] float32, the
   log-probability of each token after the first, teacher-forced over its example's latents.
@@ -71,7 +67,7 @@ def token_log_probs(model, variables, latents: Array, tokens: Array) -> Array:
   K texts, rather than K times from latents repeated K times (the same numbers, to rounding)."""
   batch = tokens.shape[0]
   latents = latents.reshape(batch, -1, latents.shape[-1])
-  logits = model.apply(variables, tokens, latents, method=_candidate_logits)
+  logits = model.apply(variables, tokens, latents, method=mirasol.Model.candidate_logits)
   log_probs = jax.nn.log_softmax(logits[:, :, :-1].astype(jnp.float32), axis=-1)
   return jnp.take_along_axis(log_probs, tokens[:, :, 1:, None], axis=-1)[..., 0]
 

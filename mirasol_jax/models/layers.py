@@ -120,7 +120,7 @@ class Dense(nn.Dense):
     return y.reshape(*lead, y.shape[-1])
 
 
-def dense(features: int, names: tuple[str, str], dtype: Dtype, name: Optional[str], use_bias: bool = True,
+def dense(features: int, names: tuple[str, str], dtype: Dtype, name: str, use_bias: bool = True,
           kernel_init=nn.initializers.xavier_uniform()) -> Dense:
   return Dense(
       features, dtype=dtype, param_dtype=jnp.float32, use_bias=use_bias, name=name,
@@ -367,18 +367,17 @@ class Block(nn.Module):
     if self.cross_attention:
       y = layer_norm(self.dtype, 'ln_cross')(x)
       cross_attn = Attention(**attn_kw, name='cross_attn')
-      if cache is None and x.shape[0] != context.shape[0]:
-        # Rows b*G .. b*G + G - 1 of x share row b of the context (TextDecoder.candidate_logits: G texts scored over
-        # one example's latents): their queries attend together, and the context's keys and values are projected
-        # once per example, not once per row.
-        groups, length = x.shape[0] // context.shape[0], x.shape[1]
-        if groups * context.shape[0] != x.shape[0] or (context_mask is not None and context_mask.shape[-2] != 1):
+      if cache is None:
+        # Rows b*G .. b*G + G - 1 of x share row b of the context (G = 1 in training; TextDecoder.candidate_logits:
+        # G texts scored over one example's latents): their queries attend together, and the context's keys and
+        # values are projected once per example, not once per row.
+        groups = x.shape[0] // context.shape[0]
+        if groups * context.shape[0] != x.shape[0] or (groups > 1 and context_mask is not None and
+                                                        context_mask.shape[-2] != 1):
           raise ValueError(f'{x.shape[0]} rows cannot share a context of {context.shape[0]} rows'
                            + ('' if context_mask is None else f' under a context mask {context_mask.shape}'))
-        y = cross_attn(y.reshape(context.shape[0], groups * length, width), context, context_mask)
-        y = y.reshape(x.shape[0], length, width)
-      elif cache is None:
-        y = cross_attn(y, context, context_mask)
+        y = cross_attn(y.reshape(context.shape[0], groups * x.shape[1], width), context, context_mask)
+        y = y.reshape(x.shape)
       else:
         if context is not None:
           ck, cv = cross_attn.project_kv(context)
