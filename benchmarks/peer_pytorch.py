@@ -23,7 +23,7 @@ changes nothing in the timing, but it is not time-aligned audio.
 Each side runs in its own child process: the peer with `benchmarks/_peer_torch_step.py` in its own virtual
 environment (created on first use under --venv, default ~/.cache/mirasol_jax/peer_venv, with pip's configured
 sources; --torch says which torch; only its CPU kernels run), ours with this script's interpreter, building the
-train step exactly as `train` does (`mirasol_jax.train.build_train_step(config, mesh, rules).lower()`: jitted,
+train step exactly as `train` does (`mirasol_jax.train.build_train_step(config, mesh, rules).compile()`: jitted,
 sharded, state donated, the per-tower metrics included) from the config of `ours_config`. Every round runs the
 peer and then each of our variants, so that all of them see the same load; --repeats rounds. Per run: the median
 wall time and CPU time (all threads) of --steps timed steps after --warmup steps, the minor page faults per step,
@@ -169,7 +169,7 @@ def run_ours(workload: dict, overrides: dict) -> dict:
   rules = tuple(tuple(rule) for rule in config.axis_rules)
   start = time.perf_counter()
   parts = train.build_train_step(config, mesh, rules)
-  compiled = parts.lower().compile()
+  compiled = parts.compile()
   compile_s = time.perf_counter() - start
   state = parts.init(config.seed)
   params = mirasol.count_params_per_tower(state['params'])

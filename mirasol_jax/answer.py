@@ -66,6 +66,7 @@ import numpy as np
 from mirasol_jax import checkpoint
 from mirasol_jax import config_lib
 from mirasol_jax import decoding
+from mirasol_jax import host_memory
 from mirasol_jax import paths
 from mirasol_jax import sharding
 from mirasol_jax.data import audio as audio_lib
@@ -684,6 +685,7 @@ class Answerer:
     key = (*self._key, *name)
     if key not in _PROGRAMS:
       _PROGRAMS[key] = build()
+      host_memory.release()  # what the compiler freed (host_memory)
     return _PROGRAMS[key]
 
   def _latent_shape(self) -> jax.ShapeDtypeStruct:

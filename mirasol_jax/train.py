@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mirasol_jax import checkpoint
 from mirasol_jax import flops
+from mirasol_jax import host_memory
 from mirasol_jax import metrics as metrics_lib
 from mirasol_jax import optimizer
 from mirasol_jax import paths
@@ -206,11 +207,19 @@ class TrainStep:
                      out_shardings=(self.state_shardings, replicated), donate_argnums=(0,)).lower(
                          self.abstract, self.batch_shapes)
 
+  def compile(self):
+    """`lower()` compiled; what the compiler freed goes back to the operating system (host_memory.release)."""
+    compiled = self.lower().compile()
+    host_memory.release()
+    return compiled
+
   def init(self, seed: int):
     """A fresh state, initialised in place on its shards."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return jax.jit(lambda rng: nn.unbox(self.init_state(rng)), out_shardings=self.state_shardings)(
+      state = jax.jit(lambda rng: nn.unbox(self.init_state(rng)), out_shardings=self.state_shardings)(
           jax.random.PRNGKey(seed))
+    host_memory.release()
+    return state
 
 
 def build_train_step(config, mesh: Mesh, rules) -> TrainStep:
@@ -324,6 +333,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     if init_sources(config):
       state['params'], names = load_init_from(config, state['params'])
       _log(f'initialised {len(names)} parameter arrays from {", ".join(init_sources(config))}')
+  host_memory.release()  # what restoring or initialising freed
   start_step = int(state['step'])
 
   # ---------------------------------------------------------------------------------------------------------------
@@ -341,7 +351,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       result.update(evaluator.evaluate(state['params'], step))
     return result
 
-  compiled_step = parts.lower().compile()
+  compiled_step = parts.compile()
   memory = compiled_step.memory_analysis()
   if memory is not None:
     _log(f'train step memory per device: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, outputs '

@@ -33,6 +33,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mirasol_jax import host_memory
 from mirasol_jax import paths
 from mirasol_jax import sharding
 from mirasol_jax.data import pipeline
@@ -192,6 +193,7 @@ class Evaluator:
             fn, in_shardings=(ctx.param_shardings, ctx.batch_sharding) + extra_shardings,
             out_shardings=(ctx.replicated, ctx.batch_sharding)).lower(
                 ctx.abstract_params, dict(batch_shapes), *extra_args).compile()
+      host_memory.release()  # what the compiler freed (host_memory)
     return self._compiled[key]
 
   def batch_shapes(self, extra: Optional[Mapping[str, tuple[tuple[int, ...], Any]]] = None):
