@@ -1,5 +1,6 @@
 """Scoring K candidate texts per example: the latents repeated K times (the former evaluators/scoring.py) against
-TextDecoder.candidate_logits, which projects each example's latents once for its K texts.
+TextDecoder.candidate_logits, which projects each example's latents once for its K texts, with the vocabulary
+projection at every position or only in the candidates' window.
 
   python benchmarks/scoring.py [--size small] [--batch 2] [--candidates 44] [--candidate_len 6] [--prompt_len 8]
       [--latents 0,512] [--dtype float32] [--repeats 5]
@@ -8,14 +9,18 @@ For each number of latents S in `--latents` (0: the size's own T*m), random late
 parameters, `--candidates` K candidates of `--candidate_len` tokens after a `--prompt_len`-token prompt in the
 size's text buffer (max_text_len positions), scored by log-likelihood (scoring.log_likelihoods, length-normalised):
 * repeated: the latents repeated K times, Model.text_logits over B*K rows (what scoring did before);
-* shared: scoring.log_likelihoods as it is now.
-Both are compiled before they are timed and timed in alternate rounds (median of `--repeats`); the table gives
+* shared: scoring.log_likelihoods over the shared latents, logits at every position;
+* window: the same with `window` = candidate_len + 1, logits only where a candidate or its EOS can be (what the
+  classification evaluator runs).
+All are compiled before they are timed and timed in alternate rounds (median of `--repeats`); the table gives
 their times, the temporary memory XLA's memory analysis reports for each compiled program, and the largest
-difference of their scores. K = 44 is EPIC-SOUNDS' classes; 512 latents are base's and 3b's T*m.
+difference of their scores from the repeated path's. K = 44 is EPIC-SOUNDS' classes; 512 latents are base's and
+3b's T*m.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -78,15 +83,17 @@ def main():
         f'{config.model.max_text_len} text positions, vocab {config.model.vocab_size}; batch {args.batch}, '
         f'K={args.candidates} candidates of {args.candidate_len} tokens after {args.prompt_len}; {args.dtype}; '
         f'{jax.devices()[0].platform}')
-  print(f'{"latents":>8} {"repeated ms":>12} {"shared ms":>10} {"speed-up":>9} {"repeated MiB":>13} '
-        f'{"shared MiB":>11} {"max |diff|":>11}')
+  names = ('repeated', 'shared', 'window')
+  print(f'{"latents":>8} ' + ' '.join(f'{n + " ms":>12}' for n in names) + ' ' +
+        ' '.join(f'{n + " MiB":>13}' for n in names) + f' {"max |diff|":>11}')
   for num_latents in (int(s) or own for s in args.latents.split(',')):
     latents, tokens, mask = inputs(config, args.batch, num_latents, args.candidates, args.candidate_len,
                                    args.prompt_len)
     variables = jax.jit(lambda: model.init(jax.random.key(0), tokens[:, 0], latents,
                                            method=mirasol.Model.text_logits))()
+    window = functools.partial(scoring.log_likelihoods, window=args.candidate_len + 1)
     programs, scores, memory = {}, {}, {}
-    for name, fn in (('repeated', repeated_log_likelihoods), ('shared', scoring.log_likelihoods)):
+    for name, fn in zip(names, (repeated_log_likelihoods, scoring.log_likelihoods, window)):
       compiled = jax.jit(lambda v, h, t, m, fn=fn: fn(model, v, h, t, m, True)).lower(
           variables, latents, tokens, mask).compile()
       analysis = compiled.memory_analysis()
@@ -94,15 +101,17 @@ def main():
       programs[name] = compiled
       scores[name] = np.asarray(jax.block_until_ready(compiled(variables, latents, tokens, mask)))
     times = {name: [] for name in programs}
-    for _ in range(args.repeats):  # alternate rounds: both measured on the same machine state
+    for _ in range(args.repeats):  # alternate rounds: all measured on the same machine state
       for name, compiled in programs.items():
         start = time.perf_counter()
         jax.block_until_ready(compiled(variables, latents, tokens, mask))
         times[name].append(time.perf_counter() - start)
     ms = {name: 1000 * float(np.median(t)) for name, t in times.items()}
-    diff = float(np.max(np.abs(scores['repeated'] - scores['shared'])))
-    print(f'{num_latents:>8} {ms["repeated"]:>12.1f} {ms["shared"]:>10.1f} {ms["repeated"] / ms["shared"]:>8.2f}x '
-          f'{memory["repeated"]:>13.1f} {memory["shared"]:>11.1f} {diff:>11.2e}')
+    diff = max(float(np.max(np.abs(scores['repeated'] - scores[name]))) for name in names[1:])
+    print(f'{num_latents:>8} ' + ' '.join(f'{ms[n]:>12.1f}' for n in names) + ' ' +
+          ' '.join(f'{memory[n]:>13.1f}' for n in names) + f' {diff:>11.2e}')
+    print(f'{"":>8} speed-up over repeated: shared {ms["repeated"] / ms["shared"]:.2f}x, window '
+          f'{ms["repeated"] / ms["window"]:.2f}x (window over shared {ms["shared"] / ms["window"]:.2f}x)')
 
 
 if __name__ == '__main__':

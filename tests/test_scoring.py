@@ -139,3 +139,29 @@ def test_answers_score_is_what_it_was():
   np.testing.assert_array_equal(counted, expected_counted)
   np.testing.assert_allclose(log_probs, expected, rtol=1e-5, atol=1e-6)
   assert np.all(np.asarray(log_probs)[np.asarray(counted)] < 0)
+
+
+@pytest.mark.parametrize('scan_layers', [True, False])
+def test_logits_in_the_candidates_window_alone_give_the_same_scores(scan_layers):
+  config, model, variables, latents = _model(scan_layers=scan_layers)
+  length = config.model.max_text_len
+  rng = np.random.default_rng(3)
+  text = jnp.asarray(rng.integers(3, config.model.vocab_size, (BATCH, length)), jnp.int32)
+  ids = jnp.asarray(rng.integers(3, config.model.vocab_size, (BATCH, 5, 4)), jnp.int32)
+  lengths = np.array([[1, 4, 2, 3, 0], [4, 4, 1, 2, 3]], np.int32)
+  score = jax.jit(lambda v, tokens, mask, window: tuple(
+      scoring.log_likelihoods(model, v, latents, tokens, mask, normalize, window) for normalize in (False, True)),
+      static_argnums=3)
+  # Prompts of 3 and 6 tokens; then the second example's prompt ends 2 positions before the buffer's end, so that
+  # its longer candidates are cut (their EOS lost); then the first example has no candidate at all.
+  for prompt_len, lens in (([3, 6], lengths), ([3, length - 2], lengths), ([5, 4], lengths * np.array([[0], [1]]))):
+    tokens, mask = scoring.candidate_tokens(text, jnp.array(prompt_len, jnp.int32), ids, jnp.asarray(lens))
+    full, windowed = score(variables, tokens, mask, None), score(variables, tokens, mask, ids.shape[-1] + 1)
+    for a, b in zip(full, windowed):
+      np.testing.assert_array_equal(np.isneginf(a), np.isneginf(b))
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert np.isneginf(full[0][0, -1]) and np.all(np.isfinite(full[0][1]))
+  # A window one position short of the longest candidate and its EOS leaves its EOS out: the score changes.
+  tokens, mask = scoring.candidate_tokens(text, jnp.array([3, 6], jnp.int32), ids, jnp.asarray(lengths))
+  short = score(variables, tokens, mask, ids.shape[-1])[0]
+  assert not np.allclose(short[1, :2], score(variables, tokens, mask, None)[0][1, :2], atol=1e-4)

@@ -86,12 +86,13 @@ class Evaluator(base.Evaluator):
 
   def _candidates(self) -> tuple[np.ndarray, np.ndarray]:
     """The class names' token ids [C', Lc] and lengths [C'], C' a multiple of _chunk_size() (padded with empty
-    candidates)."""
+    candidates), Lc the longest name's tokens."""
     if self._class_ids is None:
       ids, lengths = scoring.encode_candidates(self.ctx.processor, [self.classes], len(self.classes),
                                                self.ctx.config.model.max_text_len)
       pad = -len(self.classes) % self._chunk_size()
-      self._class_ids = (np.pad(ids[0], ((0, pad), (0, 0))), np.pad(lengths[0], (0, pad)))
+      longest = int(lengths.max())
+      self._class_ids = (np.pad(ids[0, :, :longest], ((0, pad), (0, 0))), np.pad(lengths[0], (0, pad)))
     return self._class_ids
 
   def step(self, params, batch, class_ids, class_lengths):
@@ -108,7 +109,9 @@ class Evaluator(base.Evaluator):
       candidates = jnp.broadcast_to(ids[None], (size,) + ids.shape)
       tokens, mask = scoring.candidate_tokens(batch['text_tokens'], prompt_len, candidates,
                                               jnp.broadcast_to(lengths[None], (size,) + lengths.shape))
-      return scoring.log_likelihoods(model, variables, latents, tokens, mask, self.cfg.length_normalize)
+      # Logits only where a class name and its EOS can be (scoring.log_likelihoods' window).
+      return scoring.log_likelihoods(model, variables, latents, tokens, mask, self.cfg.length_normalize,
+                                     window=ids.shape[-1] + 1)
 
     scores = jax.lax.map(score_chunk, (class_ids.reshape(chunks, chunk_size, -1),
                                        class_lengths.reshape(chunks, chunk_size)))

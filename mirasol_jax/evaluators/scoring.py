@@ -8,7 +8,7 @@ compiled step.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,24 +59,47 @@ def candidate_tokens(tokens: Array, prompt_len: Array, candidates: Array, length
   return out.astype(jnp.int32), mask
 
 
-def token_log_probs(model, variables, latents: Array, tokens: Array) -> Array:
+def token_log_probs(model, variables, latents: Array, tokens: Array, positions: Optional[Array] = None) -> Array:
   """latents [B, T, m, D] or [B, T*m, D]; tokens [B, K, L] (K texts per example) -> [B, K, L - 1] float32, the
-  log-probability of each token after the first, teacher-forced over its example's latents.
+  log-probability of each token after the first, teacher-forced over its example's latents. With `positions`
+  [B, W] (each in 1..L-1): [B, K, W], the log-probability of the tokens at those positions only, whose logits alone
+  are computed.
 
   Through TextDecoder.candidate_logits: the decoder's cross-attention projects each example's latents once for its
   K texts, rather than K times from latents repeated K times (the same numbers, to rounding)."""
   batch = tokens.shape[0]
   latents = latents.reshape(batch, -1, latents.shape[-1])
-  logits = model.apply(variables, tokens, latents, method=mirasol.Model.candidate_logits)
-  log_probs = jax.nn.log_softmax(logits[:, :, :-1].astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(log_probs, tokens[:, :, 1:, None], axis=-1)[..., 0]
+  if positions is None:
+    logits = model.apply(variables, tokens, latents, method=mirasol.Model.candidate_logits)[:, :, :-1]
+    targets = tokens[:, :, 1:]
+  else:
+    logits = model.apply(variables, tokens, latents, positions - 1, method=mirasol.Model.candidate_logits)
+    targets = jnp.take_along_axis(tokens, jnp.broadcast_to(positions[:, None, :], logits.shape[:3]), axis=2)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
 
 
-def log_likelihoods(model, variables, latents: Array, tokens: Array, mask: Array, length_normalize: bool) -> Array:
+def log_likelihoods(model, variables, latents: Array, tokens: Array, mask: Array, length_normalize: bool,
+                    window: Optional[int] = None) -> Array:
   """latents [B, T, m, D] or [B, T*m, D]; tokens, mask [B, K, L] -> [B, K] log-probability of the masked tokens
-  (their mean with length_normalize); -inf for a candidate with no tokens."""
-  picked = token_log_probs(model, variables, latents, tokens)
-  weights = mask[:, :, 1:].astype(jnp.float32)
+  (their mean with length_normalize); -inf for a candidate with no tokens.
+
+  `window`: at most this many consecutive positions of an example hold masked tokens, from the first of them on (the
+  longest candidate and its EOS: candidate_tokens' candidates.shape[-1] + 1). Then only the logits there are made
+  (TextDecoder.candidate_logits), the same scores; positions past the window are not read."""
+  if window is None:
+    picked = token_log_probs(model, variables, latents, tokens)
+    weights = mask[:, :, 1:]
+  else:
+    length = tokens.shape[-1]
+    first = jnp.where(jnp.any(mask, axis=-1), jnp.argmax(mask, axis=-1), length)  # [B, K]
+    start = jnp.maximum(jnp.min(first, axis=1), 1)  # [B]: position 0 (BOS) is never scored
+    wanted = start[:, None] + jnp.arange(window)[None, :]  # [B, W]
+    positions = jnp.minimum(wanted, length - 1)  # past the buffer: read nothing (masked below)
+    picked = token_log_probs(model, variables, latents, tokens, positions)
+    weights = jnp.take_along_axis(mask, jnp.broadcast_to(positions[:, None, :], picked.shape), axis=2)
+    weights = weights & (wanted < length)[:, None, :]
+  weights = weights.astype(jnp.float32)
   total = jnp.sum(picked * weights, axis=-1)
   count = jnp.sum(weights, axis=-1)
   score = total / jnp.maximum(count, 1.0) if length_normalize else total

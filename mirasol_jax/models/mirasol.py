@@ -414,10 +414,11 @@ class Model(nn.Module):
     """Teacher-forced logits [B, L, vocab] for tokens [B, L] given flat latents [B, T*m, D]."""
     return self.text_decoder(tokens, latents)
 
-  def candidate_logits(self, tokens: Array, latents: Array) -> Array:
+  def candidate_logits(self, tokens: Array, latents: Array, positions: Optional[Array] = None) -> Array:
     """Teacher-forced logits [B, K, L, vocab] of K texts per example, tokens [B, K, L], over its flat latents
-    [B, T*m, D] (TextDecoder.candidate_logits: the latents projected once for the K texts)."""
-    return self.text_decoder.candidate_logits(tokens, latents)
+    [B, T*m, D] (TextDecoder.candidate_logits: the latents projected once for the K texts); with positions [B, W],
+    [B, K, W, vocab] at those positions only."""
+    return self.text_decoder.candidate_logits(tokens, latents, positions)
 
   def text_prefill(self, tokens: Array, latents: Array, cache_len: int):
     return self.text_decoder.prefill(tokens, latents, cache_len)
