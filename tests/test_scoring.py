@@ -141,27 +141,37 @@ def test_answers_score_is_what_it_was():
   assert np.all(np.asarray(log_probs)[np.asarray(counted)] < 0)
 
 
-@pytest.mark.parametrize('scan_layers', [True, False])
-def test_logits_in_the_candidates_window_alone_give_the_same_scores(scan_layers):
-  config, model, variables, latents = _model(scan_layers=scan_layers)
+@pytest.mark.parametrize('overrides', [dict(scan_layers=True), dict(scan_layers=False, remat_policy='dots'),
+                                       dict(text={**tiny_config().model.text, 'context_norm': 'tokens'})])
+def test_the_prompt_run_once_for_all_candidates_gives_the_same_scores(overrides):
+  config, model, variables, latents = _model(**overrides)
   length = config.model.max_text_len
   rng = np.random.default_rng(3)
   text = jnp.asarray(rng.integers(3, config.model.vocab_size, (BATCH, length)), jnp.int32)
   ids = jnp.asarray(rng.integers(3, config.model.vocab_size, (BATCH, 5, 4)), jnp.int32)
   lengths = np.array([[1, 4, 2, 3, 0], [4, 4, 1, 2, 3]], np.int32)
-  score = jax.jit(lambda v, tokens, mask, window: tuple(
-      scoring.log_likelihoods(model, v, latents, tokens, mask, normalize, window) for normalize in (False, True)),
-      static_argnums=3)
-  # Prompts of 3 and 6 tokens; then the second example's prompt ends 2 positions before the buffer's end, so that
-  # its longer candidates are cut (their EOS lost); then the first example has no candidate at all.
-  for prompt_len, lens in (([3, 6], lengths), ([3, length - 2], lengths), ([5, 4], lengths * np.array([[0], [1]]))):
-    tokens, mask = scoring.candidate_tokens(text, jnp.array(prompt_len, jnp.int32), ids, jnp.asarray(lens))
-    full, windowed = score(variables, tokens, mask, None), score(variables, tokens, mask, ids.shape[-1] + 1)
-    for a, b in zip(full, windowed):
-      np.testing.assert_array_equal(np.isneginf(a), np.isneginf(b))
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    assert np.isneginf(full[0][0, -1]) and np.all(np.isfinite(full[0][1]))
-  # A window one position short of the longest candidate and its EOS leaves its EOS out: the score changes.
-  tokens, mask = scoring.candidate_tokens(text, jnp.array([3, 6], jnp.int32), ids, jnp.asarray(lengths))
-  short = score(variables, tokens, mask, ids.shape[-1])[0]
-  assert not np.allclose(short[1, :2], score(variables, tokens, mask, None)[0][1, :2], atol=1e-4)
+
+  @jax.jit
+  def both(variables, prompt_len, lengths):
+    tokens, mask = scoring.candidate_tokens(text, prompt_len, ids, lengths)
+    return tuple((scoring.log_likelihoods(model, variables, latents, tokens, mask, normalize),
+                  scoring.prefix_log_likelihoods(model, variables, latents, text, prompt_len, ids, lengths, normalize))
+                 for normalize in (False, True))
+
+  # Prompts of 3 and 6 tokens; a prompt ending 2 positions before the buffer's end, so that the longer candidates
+  # are cut (their EOS lost); a prompt filling all but the last position; an example with no candidate at all.
+  for prompt_len, lens in (([3, 6], lengths), ([3, length - 2], lengths), ([length - 1, 2], lengths),
+                           ([5, 4], lengths * np.array([[0], [1]], np.int32))):
+    for full, prefix in both(variables, jnp.array(prompt_len, jnp.int32), jnp.asarray(lens)):
+      np.testing.assert_array_equal(np.isneginf(full), np.isneginf(prefix))
+      np.testing.assert_allclose(full, prefix, rtol=1e-5, atol=1e-5)
+      assert np.isneginf(full[0, -1]) and np.all(np.isfinite(full[1]))
+      assert np.ptp(np.asarray(prefix[1])) > 1e-3
+  # The candidates see their own example's prompt and latents: another prompt, or the other example's latents,
+  # score them otherwise.
+  prompt_len = jnp.array([3, 6], jnp.int32)
+  base = scoring.prefix_log_likelihoods(model, variables, latents, text, prompt_len, ids, jnp.asarray(lengths), True)
+  for other_text, other_latents in ((text.at[:, 1].add(1), latents), (text, latents[::-1])):
+    moved = scoring.prefix_log_likelihoods(model, variables, other_latents, other_text, prompt_len, ids,
+                                           jnp.asarray(lengths), True)
+    assert not np.allclose(moved[1], base[1], atol=1e-4)

@@ -105,13 +105,12 @@ class Evaluator(base.Evaluator):
     chunks = class_ids.shape[0] // chunk_size
 
     def score_chunk(chunk):
+      # Each example's prompt is run once for the chunk's class names (scoring.prefix_log_likelihoods).
       ids, lengths = chunk
       candidates = jnp.broadcast_to(ids[None], (size,) + ids.shape)
-      tokens, mask = scoring.candidate_tokens(batch['text_tokens'], prompt_len, candidates,
-                                              jnp.broadcast_to(lengths[None], (size,) + lengths.shape))
-      # Logits only where a class name and its EOS can be (scoring.log_likelihoods' window).
-      return scoring.log_likelihoods(model, variables, latents, tokens, mask, self.cfg.length_normalize,
-                                     window=ids.shape[-1] + 1)
+      lengths = jnp.broadcast_to(lengths[None], (size,) + lengths.shape)
+      return scoring.prefix_log_likelihoods(model, variables, latents, batch['text_tokens'], prompt_len, candidates,
+                                            lengths, self.cfg.length_normalize)
 
     scores = jax.lax.map(score_chunk, (class_ids.reshape(chunks, chunk_size, -1),
                                        class_lengths.reshape(chunks, chunk_size)))

@@ -8,7 +8,7 @@ compiled step.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,46 +59,59 @@ def candidate_tokens(tokens: Array, prompt_len: Array, candidates: Array, length
   return out.astype(jnp.int32), mask
 
 
-def token_log_probs(model, variables, latents: Array, tokens: Array, positions: Optional[Array] = None) -> Array:
+def token_log_probs(model, variables, latents: Array, tokens: Array) -> Array:
   """latents [B, T, m, D] or [B, T*m, D]; tokens [B, K, L] (K texts per example) -> [B, K, L - 1] float32, the
-  log-probability of each token after the first, teacher-forced over its example's latents. With `positions`
-  [B, W] (each in 1..L-1): [B, K, W], the log-probability of the tokens at those positions only, whose logits alone
-  are computed.
+  log-probability of each token after the first, teacher-forced over its example's latents.
 
   Through TextDecoder.candidate_logits: the decoder's cross-attention projects each example's latents once for its
   K texts, rather than K times from latents repeated K times (the same numbers, to rounding)."""
   batch = tokens.shape[0]
   latents = latents.reshape(batch, -1, latents.shape[-1])
-  if positions is None:
-    logits = model.apply(variables, tokens, latents, method=mirasol.Model.candidate_logits)[:, :, :-1]
-    targets = tokens[:, :, 1:]
-  else:
-    logits = model.apply(variables, tokens, latents, positions - 1, method=mirasol.Model.candidate_logits)
-    targets = jnp.take_along_axis(tokens, jnp.broadcast_to(positions[:, None, :], logits.shape[:3]), axis=2)
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  logits = model.apply(variables, tokens, latents, method=mirasol.Model.candidate_logits)
+  log_probs = jax.nn.log_softmax(logits[:, :, :-1].astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(log_probs, tokens[:, :, 1:, None], axis=-1)[..., 0]
 
 
-def log_likelihoods(model, variables, latents: Array, tokens: Array, mask: Array, length_normalize: bool,
-                    window: Optional[int] = None) -> Array:
+def log_likelihoods(model, variables, latents: Array, tokens: Array, mask: Array, length_normalize: bool) -> Array:
   """latents [B, T, m, D] or [B, T*m, D]; tokens, mask [B, K, L] -> [B, K] log-probability of the masked tokens
-  (their mean with length_normalize); -inf for a candidate with no tokens.
+  (their mean with length_normalize); -inf for a candidate with no tokens."""
+  picked = token_log_probs(model, variables, latents, tokens)
+  return _combine(picked, mask[:, :, 1:], length_normalize)
 
-  `window`: at most this many consecutive positions of an example hold masked tokens, from the first of them on (the
-  longest candidate and its EOS: candidate_tokens' candidates.shape[-1] + 1). Then only the logits there are made
-  (TextDecoder.candidate_logits), the same scores; positions past the window are not read."""
-  if window is None:
-    picked = token_log_probs(model, variables, latents, tokens)
-    weights = mask[:, :, 1:]
-  else:
-    length = tokens.shape[-1]
-    first = jnp.where(jnp.any(mask, axis=-1), jnp.argmax(mask, axis=-1), length)  # [B, K]
-    start = jnp.maximum(jnp.min(first, axis=1), 1)  # [B]: position 0 (BOS) is never scored
-    wanted = start[:, None] + jnp.arange(window)[None, :]  # [B, W]
-    positions = jnp.minimum(wanted, length - 1)  # past the buffer: read nothing (masked below)
-    picked = token_log_probs(model, variables, latents, tokens, positions)
-    weights = jnp.take_along_axis(mask, jnp.broadcast_to(positions[:, None, :], picked.shape), axis=2)
-    weights = weights & (wanted < length)[:, None, :]
+
+def prefix_log_likelihoods(model, variables, latents: Array, tokens: Array, prompt_len: Array, candidates: Array,
+                           lengths: Array, length_normalize: bool) -> Array:
+  """The scores of log_likelihoods on candidate_tokens(tokens, prompt_len, candidates, lengths), with each
+  example's prompt run once for its K candidates rather than once per candidate (TextDecoder.
+  prefix_candidate_logits): the decoder runs L + K*Lc positions instead of K*L, the vocabulary projection 1 + K*Lc.
+  For K class names of a few tokens that is several times less work than log_likelihoods; when the candidates are
+  as long as the text buffer (Lc = L) it is more.
+
+  latents [B, T, m, D] or [B, T*m, D]; tokens [B, L]; prompt_len [B]; candidates [B, K, Lc] with lengths [B, K] ->
+  [B, K]: the log-probability of each candidate's tokens and its EOS after the prompt (their mean with
+  length_normalize), those past the text buffer left out as candidate_tokens cuts them; -inf for a candidate
+  with no tokens."""
+  batch, length = tokens.shape
+  latents = latents.reshape(batch, -1, latents.shape[-1])
+  first, rest = model.apply(variables, tokens, prompt_len, candidates, latents,
+                            method=mirasol.Model.prefix_candidate_logits)
+  lc = candidates.shape[-1]
+  j = jnp.arange(lc + 1)[None, None, :]
+  # The token scored at each candidate's place j: its token j, then EOS at j = its length.
+  targets = jnp.where(j < lengths[:, :, None], jnp.pad(candidates, ((0, 0), (0, 0), (0, 1))), tokenizer_lib.EOS_ID)
+  first_lp = jnp.take_along_axis(jax.nn.log_softmax(first.astype(jnp.float32), axis=-1)[:, None, :],
+                                 targets[:, :, :1], axis=-1)  # [B, K, 1]
+  rest_lp = jnp.take_along_axis(jax.nn.log_softmax(rest.astype(jnp.float32), axis=-1), targets[:, :, 1:, None],
+                                axis=-1)[..., 0]  # [B, K, Lc]
+  picked = jnp.concatenate([first_lp, rest_lp], axis=-1)
+  weights = ((j <= lengths[:, :, None]) & (prompt_len[:, None, None] + j < length)
+             & (lengths[:, :, None] > 0))
+  return _combine(picked, weights, length_normalize)
+
+
+def _combine(picked: Array, weights: Array, length_normalize: bool) -> Array:
+  """Log-probabilities [B, K, N] of the scored tokens where weights (bool) -> their sum or mean [B, K]; -inf where
+  none is scored."""
   weights = weights.astype(jnp.float32)
   total = jnp.sum(picked * weights, axis=-1)
   count = jnp.sum(weights, axis=-1)

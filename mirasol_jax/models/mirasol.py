@@ -414,11 +414,15 @@ class Model(nn.Module):
     """Teacher-forced logits [B, L, vocab] for tokens [B, L] given flat latents [B, T*m, D]."""
     return self.text_decoder(tokens, latents)
 
-  def candidate_logits(self, tokens: Array, latents: Array, positions: Optional[Array] = None) -> Array:
+  def candidate_logits(self, tokens: Array, latents: Array) -> Array:
     """Teacher-forced logits [B, K, L, vocab] of K texts per example, tokens [B, K, L], over its flat latents
-    [B, T*m, D] (TextDecoder.candidate_logits: the latents projected once for the K texts); with positions [B, W],
-    [B, K, W, vocab] at those positions only."""
-    return self.text_decoder.candidate_logits(tokens, latents, positions)
+    [B, T*m, D] (TextDecoder.candidate_logits: the latents projected once for the K texts)."""
+    return self.text_decoder.candidate_logits(tokens, latents)
+
+  def prefix_candidate_logits(self, tokens: Array, prompt_len: Array, candidates: Array, latents: Array):
+    """(logits after each prompt [B, vocab], after each candidate token [B, K, Lc, vocab]) of K candidates after
+    each example's prompt, the prompt run once (TextDecoder.prefix_candidate_logits); latents flat [B, T*m, D]."""
+    return self.text_decoder.prefix_candidate_logits(tokens, prompt_len, candidates, latents)
 
   def text_prefill(self, tokens: Array, latents: Array, cache_len: int):
     return self.text_decoder.prefill(tokens, latents, cache_len)

@@ -29,7 +29,7 @@ Greedy or sampled decoding (`mirasol_jax.decoding`) costs one `extend` per gener
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -97,7 +97,7 @@ class TextDecoder(nn.Module):
     y, _ = self.stack(x, context=self._context(latents), deterministic=deterministic)
     return self._logits(y)
 
-  def candidate_logits(self, tokens: Array, latents: Array, positions: Optional[Array] = None) -> Array:
+  def candidate_logits(self, tokens: Array, latents: Array) -> Array:
     """Teacher-forced logits [B, K, L, vocab] of K texts per example, tokens [B, K, L], each over its example's
     latents [B, S, D_av]: the numbers of `__call__` on the B*K rows with each example's latents repeated K times.
 
@@ -107,19 +107,45 @@ class TextDecoder(nn.Module):
     layer's cross-attention takes an example's K rows of queries together against its keys and values, projected
     once (layers.Block). benchmarks/scoring.py measures it: `small`'s decoder, 2 examples, 44 candidates, 512
     latents, on a 2-core CPU, 5.5x faster than the repeated latents, with a quarter of the temporary memory.
-
-    With `positions` [B, W] the logits [B, K, W, vocab] at those positions of each example's K texts alone: the
-    decoder still runs over all L positions, but the vocabulary projection (for `base`'s 32000 words, a fifth of the
-    decoder's FLOPs at every position, and the largest activation) is made only where a candidate is scored.
+    prefix_candidate_logits goes further for short candidates: the prompt is run once for all K.
     """
     batch, k, length = tokens.shape
-    x = self._embed(tokens.reshape(batch * k, length), jnp.arange(length))
-    y, _ = self.stack(x, context=self._context(latents), deterministic=True)
-    if positions is not None:
-      y = y.reshape(batch, k, length, -1)
-      y = jnp.take_along_axis(y, positions[:, None, :, None], axis=2)
-      length = positions.shape[1]
-    return self._logits(y.reshape(batch * k, length, -1)).reshape(batch, k, length, -1)
+    return self(tokens.reshape(batch * k, length), latents).reshape(batch, k, length, -1)
+
+  def prefix_candidate_logits(self, tokens: Array, prompt_len: Array, candidates: Array,
+                              latents: Array) -> tuple[Array, Array]:
+    """Teacher-forced logits of K candidate texts after each example's prompt, the prompt run once for all K.
+
+    tokens [B, L] (the first prompt_len [B] of them the prompt), candidates [B, K, Lc], latents [B, S, D_av] ->
+    (first [B, vocab]: the logits after the prompt, which score every candidate's first token; rest [B, K, Lc,
+    vocab]: after each candidate's token j, which score its token j + 1 or its EOS). The numbers of
+    `candidate_logits` on the texts `prompt, candidate, EOS` (scoring.candidate_tokens), where the K rows repeat the
+    prompt and run the whole buffer of L positions each: here one sequence per example holds the L positions of
+    the buffer, then the K candidates' Lc tokens one after the other, each at the positions it would have after the
+    prompt (prompt_len + j), under a mask by which a candidate's token sees the prompt (positions before
+    prompt_len) and the candidate's own earlier tokens, nothing else. So the decoder runs L + K*Lc positions
+    rather than K*L, and the vocabulary projection is made at 1 + K*Lc of them. Positions past the buffer (a
+    candidate cut at its end) hold whatever the last position embedding gives: they score nothing.
+    """
+    batch, length = tokens.shape
+    k, lc = candidates.shape[1:]
+    slot = jnp.arange(lc)
+    candidate_positions = jnp.minimum(prompt_len[:, None] + slot[None, :], self.max_len - 1)  # [B, Lc]
+    positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(length), (batch, length)),
+                                 jnp.tile(candidate_positions, (1, k))], axis=1)  # [B, L + K*Lc]
+    x = self._embed(jnp.concatenate([tokens, candidates.reshape(batch, k * lc)], axis=1), positions)
+    # Which text a position belongs to (-1 the prompt's buffer, else the candidate's index) and its place in it.
+    owner = jnp.concatenate([jnp.full((length,), -1), jnp.repeat(jnp.arange(k), lc)])
+    place = jnp.concatenate([jnp.arange(length), jnp.tile(slot, k)])
+    own_past = (owner[:, None] == owner[None, :]) & (place[None, :] <= place[:, None])  # causal within a text
+    sees_prompt = (owner[:, None] >= 0) & (owner[None, :] < 0)  # a candidate's token, a position of the buffer ...
+    in_prompt = place[None, None, :] < prompt_len[:, None, None]  # ... before the example's prompt ends
+    mask = (own_past[None] | (sees_prompt[None] & in_prompt))[:, None]  # [B, 1, N, N]
+    y, _ = self.stack(x, self_mask=mask, context=self._context(latents), deterministic=True)
+    last = jnp.take_along_axis(y, (prompt_len - 1)[:, None, None], axis=1)  # [B, 1, D]: the prompt's last position
+    first = self._logits(last)[:, 0]
+    rest = self._logits(y[:, length:]).reshape(batch, k, lc, -1)
+    return first, rest
 
   def prefill(self, tokens: Array, latents: Array, cache_len: int) -> tuple[Array, Cache]:
     if cache_len > self.max_len:
