@@ -6,7 +6,8 @@ resident size goes from 0.36 GiB after tracing to 1.4 GiB, and stays there, alth
 glibc's malloc keeps what was freed in its arenas, where the step's large buffers (mapped apart) cannot reuse it,
 so the process trains with that garbage resident beside its state and its step's buffers. `release()` asks malloc
 to return every free page (`malloc_trim(0)`); the trainer, the evaluators and `answer` call it after compiling and
-after initialising the state. It costs a few milliseconds, and nothing where the C library is not glibc.
+after initialising the state. It costs milliseconds (tens of them after a compilation's worth of frees), and
+nothing where the C library is not glibc.
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import ctypes
 import ctypes.util
 import functools
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 
 @functools.cache
-def _malloc_trim() -> Optional[ctypes._CFuncPtr]:
+def _malloc_trim() -> Optional[Callable[[int], int]]:
   if sys.platform != 'linux':
     return None
   try:

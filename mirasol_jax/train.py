@@ -218,6 +218,7 @@ class TrainStep:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       state = jax.jit(lambda rng: nn.unbox(self.init_state(rng)), out_shardings=self.state_shardings)(
           jax.random.PRNGKey(seed))
+    jax.block_until_ready(state)  # initialised, then what it freed handed back
     host_memory.release()
     return state
 

@@ -2,7 +2,9 @@
 each example's latents once for its K texts, against the computation it replaced: the latents repeated K times and
 the teacher-forced logits of Model.text_logits on the B*K rows. Same scores for several K, candidates of different
 lengths (padding, an absent candidate), length normalisation on and off, scanned and unrolled layers, remat, the
-context norm and bfloat16; and answer.generated_log_probs, which now scores through it, against its former code."""
+context norm and bfloat16; and answer.generated_log_probs, which now scores through it, against its former code.
+Then scoring.prefix_log_likelihoods, which runs each prompt once for all its candidates in one masked sequence,
+against the same scores: prompts at the buffer's end, absent candidates, bfloat16, under the mesh."""
 import importlib.util
 import os
 
@@ -142,31 +144,41 @@ def test_answers_score_is_what_it_was():
 
 
 @pytest.mark.parametrize('overrides', [dict(scan_layers=True), dict(scan_layers=False, remat_policy='dots'),
-                                       dict(text={**tiny_config().model.text, 'context_norm': 'tokens'})])
+                                       dict(text={**tiny_config().model.text, 'context_norm': 'tokens'}),
+                                       dict(dtype='bfloat16')])
 def test_the_prompt_run_once_for_all_candidates_gives_the_same_scores(overrides):
   config, model, variables, latents = _model(**overrides)
+  tolerance = 0.05 if overrides.get('dtype') == 'bfloat16' else 1e-5
   length = config.model.max_text_len
   rng = np.random.default_rng(3)
   text = jnp.asarray(rng.integers(3, config.model.vocab_size, (BATCH, length)), jnp.int32)
   ids = jnp.asarray(rng.integers(3, config.model.vocab_size, (BATCH, 5, 4)), jnp.int32)
   lengths = np.array([[1, 4, 2, 3, 0], [4, 4, 1, 2, 3]], np.int32)
 
-  @jax.jit
   def both(variables, prompt_len, lengths):
     tokens, mask = scoring.candidate_tokens(text, prompt_len, ids, lengths)
     return tuple((scoring.log_likelihoods(model, variables, latents, tokens, mask, normalize),
                   scoring.prefix_log_likelihoods(model, variables, latents, text, prompt_len, ids, lengths, normalize))
                  for normalize in (False, True))
 
-  # Prompts of 3 and 6 tokens; a prompt ending 2 positions before the buffer's end, so that the longer candidates
-  # are cut (their EOS lost); a prompt filling all but the last position; an example with no candidate at all.
-  for prompt_len, lens in (([3, 6], lengths), ([3, length - 2], lengths), ([length - 1, 2], lengths),
-                           ([5, 4], lengths * np.array([[0], [1]], np.int32))):
-    for full, prefix in both(variables, jnp.array(prompt_len, jnp.int32), jnp.asarray(lens)):
-      np.testing.assert_array_equal(np.isneginf(full), np.isneginf(prefix))
-      np.testing.assert_allclose(full, prefix, rtol=1e-5, atol=1e-5)
-      assert np.isneginf(full[0, -1]) and np.all(np.isfinite(full[1]))
-      assert np.ptp(np.asarray(prefix[1])) > 1e-3
+  # As the evaluators run it: under a mesh and the logical axis rules, whose sharding constraints must fit.
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(rule) for rule in sharding.DEFAULT_AXIS_RULES]):
+    both = jax.jit(both)
+    # Prompts of 3 and 6 tokens; a prompt ending 2 positions before the buffer's end, so that the longer candidates
+    # are cut (their EOS lost); a prompt filling all but the last position; an example with no candidate at all;
+    # a prompt filling the whole buffer (nothing scored: what prompt_lengths gives a row without a target); a
+    # prompt of 0 tokens (position 0 is never scored).
+    no_first = lengths * np.array([[0], [1]], np.int32)
+    for prompt_len, lens in (([3, 6], lengths), ([3, length - 2], lengths), ([length - 1, 2], lengths),
+                             ([5, 4], no_first), ([length, 3], no_first), ([0, 3], lengths)):
+      for full, prefix in both(variables, jnp.array(prompt_len, jnp.int32), jnp.asarray(lens)):
+        np.testing.assert_array_equal(np.isneginf(full), np.isneginf(prefix))
+        finite = np.isfinite(np.asarray(full))
+        np.testing.assert_allclose(np.asarray(full)[finite], np.asarray(prefix)[finite], rtol=tolerance,
+                                   atol=tolerance)
+        assert np.isneginf(full[0, -1]) and np.all(np.isfinite(full[1]))
+        assert np.ptp(np.asarray(prefix[1])) > 1e-3
   # The candidates see their own example's prompt and latents: another prompt, or the other example's latents,
   # score them otherwise.
   prompt_len = jnp.array([3, 6], jnp.int32)

@@ -68,8 +68,7 @@ def token_log_probs(model, variables, latents: Array, tokens: Array) -> Array:
   batch = tokens.shape[0]
   latents = latents.reshape(batch, -1, latents.shape[-1])
   logits = model.apply(variables, tokens, latents, method=mirasol.Model.candidate_logits)
-  log_probs = jax.nn.log_softmax(logits[:, :, :-1].astype(jnp.float32), axis=-1)
-  return jnp.take_along_axis(log_probs, tokens[:, :, 1:, None], axis=-1)[..., 0]
+  return _picked_log_probs(logits[:, :, :-1], tokens[:, :, 1:])
 
 
 def log_likelihoods(model, variables, latents: Array, tokens: Array, mask: Array, length_normalize: bool) -> Array:
@@ -99,14 +98,21 @@ def prefix_log_likelihoods(model, variables, latents: Array, tokens: Array, prom
   j = jnp.arange(lc + 1)[None, None, :]
   # The token scored at each candidate's place j: its token j, then EOS at j = its length.
   targets = jnp.where(j < lengths[:, :, None], jnp.pad(candidates, ((0, 0), (0, 0), (0, 1))), tokenizer_lib.EOS_ID)
-  first_lp = jnp.take_along_axis(jax.nn.log_softmax(first.astype(jnp.float32), axis=-1)[:, None, :],
-                                 targets[:, :, :1], axis=-1)  # [B, K, 1]
-  rest_lp = jnp.take_along_axis(jax.nn.log_softmax(rest.astype(jnp.float32), axis=-1), targets[:, :, 1:, None],
-                                axis=-1)[..., 0]  # [B, K, Lc]
-  picked = jnp.concatenate([first_lp, rest_lp], axis=-1)
-  weights = ((j <= lengths[:, :, None]) & (prompt_len[:, None, None] + j < length)
-             & (lengths[:, :, None] > 0))
+  picked = jnp.concatenate([_picked_log_probs(first[:, None, None], targets[:, :, :1]),  # [B, K, 1]
+                            _picked_log_probs(rest, targets[:, :, 1:])], axis=-1)  # [B, K, Lc]
+  # Scored: the candidate's tokens and its EOS, where they fit in the buffer; never position 0 (log_likelihoods
+  # scores from position 1: a prompt_len of 0 has no logits before its first token).
+  at = prompt_len[:, None, None] + j
+  weights = (j <= lengths[:, :, None]) & (at < length) & (at >= 1) & (lengths[:, :, None] > 0)
   return _combine(picked, weights, length_normalize)
+
+
+def _picked_log_probs(logits: Array, targets: Array) -> Array:
+  """logits [..., vocab] (broadcasting against targets' leading axes), targets [...] -> float32 log-probability of
+  each target."""
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  log_probs = jnp.broadcast_to(log_probs, targets.shape + log_probs.shape[-1:])
+  return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
 
 
 def _combine(picked: Array, weights: Array, length_normalize: bool) -> Array:

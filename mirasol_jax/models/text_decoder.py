@@ -5,6 +5,9 @@ Entry points over the same parameters:
 * `candidate_logits(tokens [B, K, L], latents [B, S, D_av])`: the same logits for K texts per example over that
   example's latents (scoring candidates, mirasol_jax/evaluators/scoring.py), each layer's cross-attention keys and
   values computed once per example instead of once per text;
+* `prefix_candidate_logits(tokens [B, L], prompt_len [B], candidates [B, K, Lc], latents)`: the logits after each
+  prompt and after each candidate token, the prompt run once for all K candidates in one masked sequence (scoring
+  class names);
 * `prefill(tokens, latents, cache_len)`: logits of a prompt plus a KV cache, in one pass of the Stack over all of
   `tokens`; cross-attention keys and values of the latents are computed here, once, and kept in the cache;
 * `prefill_prompt(tokens [B, L], latents, prompt_len [B])`: the same cache for prompts of different lengths in a text
