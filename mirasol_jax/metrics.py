@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mirasol_jax import host_memory
 from mirasol_jax import paths
 from mirasol_jax.models import mirasol
 
@@ -135,7 +136,8 @@ def matmul_peak_flops(device: Optional[jax.Device] = None, size: int = 1024, dty
 
 
 class Throughput:
-  """Examples/s, TFLOP/s per device and MFU over the steps since the last report."""
+  """Examples/s, TFLOP/s per device and MFU over the steps since the last report, and this process's resident host
+  memory when it reports (perf/host_memory_mib: a data pipeline or a host buffer that grows shows there)."""
 
   def __init__(self, flops_per_example: float, num_devices: int, peak_flops_per_device: float):
     self._flops, self._devices, self._peak = flops_per_example, num_devices, peak_flops_per_device
@@ -149,8 +151,12 @@ class Throughput:
     examples_per_sec = self._examples / seconds
     tflops = examples_per_sec * self._flops / self._devices / 1e12
     self._start, self._examples = time.perf_counter(), 0
-    return {'perf/examples_per_sec': examples_per_sec, 'perf/tflops_per_device': tflops,
-            'perf/mfu': tflops * 1e12 / self._peak}
+    report = {'perf/examples_per_sec': examples_per_sec, 'perf/tflops_per_device': tflops,
+              'perf/mfu': tflops * 1e12 / self._peak}
+    resident = host_memory.resident_mib()
+    if resident is not None:
+      report['perf/host_memory_mib'] = resident
+    return report
 
 
 def tower_norms(tree: Mapping[str, Any]) -> dict[str, jax.Array]:
