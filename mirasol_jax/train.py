@@ -328,13 +328,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   mngr = checkpoint.manager(workdir, config.get('keep_checkpoints', 3), clean_temporary=True)
   latest, state = checkpoint.resume(mngr, workdir, abstract, train_iter)
   if latest is not None:
+    host_memory.release()  # what restoring freed (TrainStep.init hands back what initialising frees)
     _log(f'resumed from {workdir}/checkpoints/{latest}')
   else:
     state = parts.init(config.seed)
     if init_sources(config):
       state['params'], names = load_init_from(config, state['params'])
+      host_memory.release()  # what reading the other run's parameters freed
       _log(f'initialised {len(names)} parameter arrays from {", ".join(init_sources(config))}')
-  host_memory.release()  # what restoring or initialising freed
   start_step = int(state['step'])
 
   # ---------------------------------------------------------------------------------------------------------------

@@ -81,10 +81,10 @@ def log_likelihoods(model, variables, latents: Array, tokens: Array, mask: Array
 def prefix_log_likelihoods(model, variables, latents: Array, tokens: Array, prompt_len: Array, candidates: Array,
                            lengths: Array, length_normalize: bool) -> Array:
   """The scores of log_likelihoods on candidate_tokens(tokens, prompt_len, candidates, lengths), with each
-  example's prompt run once for its K candidates rather than once per candidate (TextDecoder.
-  prefix_candidate_logits): the decoder runs L + K*Lc positions instead of K*L, the vocabulary projection 1 + K*Lc.
-  For K class names of a few tokens that is several times less work than log_likelihoods; when the candidates are
-  as long as the text buffer (Lc = L) it is more.
+  example's prompt run once for its K candidates rather than once per candidate
+  (TextDecoder.prefix_candidate_logits): the decoder runs L + K*Lc positions instead of K*L, the vocabulary
+  projection 1 + K*Lc. For K class names of a few tokens that is several times less work than log_likelihoods;
+  when the candidates are as long as the text buffer (Lc = L) it is more.
 
   latents [B, T, m, D] or [B, T*m, D]; tokens [B, L]; prompt_len [B]; candidates [B, K, Lc] with lengths [B, K] ->
   [B, K]: the log-probability of each candidate's tokens and its EOS after the prompt (their mean with
@@ -111,7 +111,6 @@ def _picked_log_probs(logits: Array, targets: Array) -> Array:
   """logits [..., vocab] (broadcasting against targets' leading axes), targets [...] -> float32 log-probability of
   each target."""
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  log_probs = jnp.broadcast_to(log_probs, targets.shape + log_probs.shape[-1:])
   return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
 
 
